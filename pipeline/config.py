@@ -1,0 +1,239 @@
+"""Run configuration: frozen dataclasses, loaded from YAML plus `key.sub=value` overrides.
+
+One definition (the dataclasses below) gives the defaults, the valid keys and their types; unknown keys are
+rejected with the list of valid ones. The embedded default (no file) runs locally with the SA-V automatic
+prompting recipe on SAM 2.1 tiny.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+MODEL_NAMES = ("sam2.1_hiera_tiny", "sam2.1_hiera_small", "sam2.1_hiera_base_plus", "sam2.1_hiera_large")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message says which key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "sam2.1_hiera_tiny"  # one of MODEL_NAMES
+    checkpoint: str | None = None  # explicit path; else the cache folder, else the official download
+    cache_dir: str = "~/.cache/masklet/checkpoints"
+    allow_download: bool = True  # False: never touch the network, fail with instructions instead
+    random_weights: bool = False  # real architecture, seeded random weights: plumbing tests/demos only
+    seed: int = 0
+    image_size: int | None = None  # None: the model's own (1024); else a multiple of 32 (random weights/tests)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int | None = None  # torch CPU threads; pin it to get bit-identical results across runs
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    stride: int = 1  # keep every k-th frame (SA-V annotates 24 fps video at 6 fps: stride 4)
+    target_fps: float | None = None  # if set, stride = round(fps / target_fps) per video (overrides stride)
+    max_frames: int | None = None  # cap on decoded frames per item
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """SAM2AutomaticMaskGenerator settings. Defaults: the SA-V recipe (32x32 grid, IoU and stability
+    filtering, regions under 100 px cleaned) plus our object cap and minimum area."""
+
+    points_per_side: int = 32
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.8
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    mask_threshold: float = 0.0
+    box_nms_thresh: float = 0.7
+    crop_n_layers: int = 0
+    crop_nms_thresh: float = 0.7
+    crop_overlap_ratio: float = 512 / 1500
+    crop_n_points_downscale_factor: int = 1
+    min_mask_region_area: int = 100  # AMG post-processing: remove islands/holes below this (pixels)
+    use_m2m: bool = False
+    multimask_output: bool = True
+    min_area: int = 1  # drop prompts whose mask has fewer pixels (empty masks can survive NMS)
+    max_objects: int = 64  # keep the best-scoring masks (predicted IoU x stability) up to this many
+
+
+@dataclass(frozen=True)
+class PropagateConfig:
+    enabled: bool = True  # False: masks on the keyframe only (phase-1 style)
+    mask_threshold: float = 0.0  # logits above this are foreground in the written masks
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    compressor: Literal["zstd", "blosc-zstd", "none"] = "blosc-zstd"
+    level: int = 5
+    # Zarr chunk = one masklet-frame (1, 1, H, W); chunks are packed into shard files of
+    # (all objects, frames_per_file frames): one file per frames_per_file frames of an item.
+    frames_per_file: int = 8
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    max_items_per_shard: int = 32
+    num_shards: int | None = None  # fixed shard count; default: ceil(items / max_items_per_shard)
+
+
+@dataclass(frozen=True)
+class LocalExecutorConfig:
+    workers: int | None = None  # None: one process per visible GPU, or in-process when there is none
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    propagate: PropagateConfig = field(default_factory=PropagateConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    executor: str = "local"
+    local: LocalExecutorConfig = field(default_factory=LocalExecutorConfig)
+    retries: int = 1  # extra attempts for a failed item before it is recorded as failed
+
+    def validate(self) -> "RunConfig":
+        if self.model.name not in MODEL_NAMES:
+            raise ConfigError(f"model.name={self.model.name!r} is not a known model; use one of {MODEL_NAMES}")
+        if self.model.image_size is not None and (self.model.image_size % 32 or self.model.image_size < 64):
+            raise ConfigError(f"model.image_size={self.model.image_size} must be a multiple of 32 and >= 64")
+        if self.decode.stride < 1:
+            raise ConfigError(f"decode.stride={self.decode.stride} must be >= 1")
+        if self.decode.max_frames is not None and self.decode.max_frames < 1:
+            raise ConfigError(f"decode.max_frames={self.decode.max_frames} must be >= 1 or null")
+        if self.executor not in ("local", "slurm"):
+            raise ConfigError(f"executor={self.executor!r}: use 'local' or 'slurm'")
+        if self.store.frames_per_file < 1:
+            raise ConfigError("store.frames_per_file must be >= 1")
+        if self.prompt.max_objects < 1:
+            raise ConfigError("prompt.max_objects must be >= 1")
+        if self.retries < 0:
+            raise ConfigError("retries must be >= 0")
+        return self
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert one YAML value against a field's annotation (enough for the types used above)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}={value!r}: use one of {typing.get_args(tp)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {sorted(_field_types(tp))}, got {value!r}")
+        return _build(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}={value!r}: expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected a string")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    types_ = _field_types(cls)
+    unknown = sorted(set(data) - set(types_))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {[prefix + k for k in unknown]}; valid keys here: {[prefix + k for k in types_]}"
+        )
+    kwargs = {k: _coerce(v, types_[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["prompt.points_per_side=16", "model.checkpoint=null"]` -> nested dict (values parsed as YAML)."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value (e.g. prompt.points_per_side=16)")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults <- YAML file <- overrides. Raises ConfigError naming the bad key and the valid ones."""
+    data: dict = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file {path} does not exist; see configs/ for examples") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
+        data = loaded or {}
+    data = _merge(data, parse_overrides(overrides or []))
+    try:
+        return _build(RunConfig, data).validate()
+    except ConfigError as e:
+        where = f" (in {path})" if path else ""
+        raise ConfigError(f"{e}{where}") from None
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    return _build(RunConfig, data).validate()

@@ -1,0 +1,74 @@
+"""The local executor: shards run in this process, or in one worker process per visible GPU.
+
+Worker processes take shard ids from a shared queue (plain ints), call `run_shard(run_dir, shard_id)`,
+and see exactly one GPU each through CUDA_VISIBLE_DEVICES, set before torch is imported in the child.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import queue
+from typing import Sequence
+
+from pipeline.worker import run_shard
+
+log = logging.getLogger("masklet.local")
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids/UUIDs this process may use (MIG UUIDs too), without initialising CUDA in the parent."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d for d in env.split(",") if d.strip() and d.strip() != "-1"]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001 - no torch/CUDA means no GPUs
+        return []
+
+
+def _gpu_worker(run_dir: str, gpu: str, shard_queue, errors) -> None:
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    while True:
+        try:
+            shard_id = shard_queue.get_nowait()
+        except queue.Empty:
+            return
+        try:
+            run_shard(run_dir, shard_id)
+        except Exception as e:  # noqa: BLE001 - reported to the parent, which fails the run with it
+            errors.put(f"shard {shard_id} on GPU {gpu}: {type(e).__name__}: {e}")
+
+
+class LocalExecutor:
+    name = "local"
+
+    def __init__(self, workers: int | None = None):
+        self.workers = workers
+
+    def launch(self, run_dir: str, shard_ids: Sequence[int]) -> None:
+        gpus = visible_gpus()
+        n = self.workers if self.workers is not None else len(gpus)
+        if n <= 1 or not shard_ids:
+            for shard_id in shard_ids:
+                run_shard(run_dir, shard_id)
+            return
+        ctx = mp.get_context("spawn")  # fresh interpreters: CUDA state never crosses a fork
+        shard_queue, errors = ctx.Queue(), ctx.Queue()
+        for s in shard_ids:
+            shard_queue.put(s)
+        slots = gpus if gpus else ["" for _ in range(n)]
+        procs = [ctx.Process(target=_gpu_worker, args=(run_dir, slots[i % len(slots)], shard_queue, errors))
+                 for i in range(n)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        failures = []
+        while not errors.empty():
+            failures.append(errors.get())
+        dead = [p.exitcode for p in procs if p.exitcode]
+        if failures or dead:
+            raise RuntimeError(f"local workers failed: {failures or dead}; rerun `masklet run` to resume")

@@ -1,0 +1,88 @@
+"""RunPaths: the one place that names the files of a run folder. No other module builds run paths.
+
+    OUT/
+      run.json                      run snapshot: resolved config, versions, manifest fingerprint
+      manifest.parquet              the manifest rows this run was planned from (frozen copy)
+      plan.json                     the frozen shards (ids never depend on how many workers run them)
+      masks/                        Zarr v3 group; masks/<item_id> is a bool array (objects, frames, H, W)
+      meta/shard-00007/<item_id>/   one committed item: items.parquet, masklets.parquet, frames.parquet
+      logs/shard-00007.log          one log per shard
+      tmp/                          staging area; anything here is uncommitted and may be deleted
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+_SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")
+
+
+def check_component(name: str, what: str = "item id") -> str:
+    """Refuse anything that could escape the run folder when used as one path component."""
+    if not _SAFE_COMPONENT.match(name) or name in (".", ".."):
+        raise ValueError(
+            f"{what} {name!r} is not safe as a file name (allowed: letters, digits, '.', '_', '-'; "
+            f"no leading '.'; at most 200 characters); rebuild the manifest with `masklet manifest build`"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @classmethod
+    def of(cls, root: str | Path) -> "RunPaths":
+        return cls(Path(root).expanduser().resolve())
+
+    @property
+    def snapshot(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.parquet"
+
+    @property
+    def plan(self) -> Path:
+        return self.root / "plan.json"
+
+    @property
+    def masks(self) -> Path:
+        return self.root / "masks"
+
+    def mask_array(self, item_id: str) -> Path:
+        return self.masks / check_component(item_id)
+
+    @property
+    def meta(self) -> Path:
+        return self.root / "meta"
+
+    def shard_meta(self, shard_id: int) -> Path:
+        return self.meta / f"shard-{shard_id:05d}"
+
+    def item_commit(self, shard_id: int, item_id: str) -> Path:
+        return self.shard_meta(shard_id) / check_component(item_id)
+
+    def committed_dirs(self) -> list[Path]:
+        """Every committed item folder of the run (staging folders live under tmp/, never here)."""
+        if not self.meta.exists():
+            return []
+        return sorted(p for p in self.meta.glob("shard-*/*") if p.is_dir())
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def shard_log(self, shard_id: int) -> Path:
+        return self.logs / f"shard-{shard_id:05d}.log"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    def ensure(self) -> "RunPaths":
+        for d in (self.root, self.masks, self.meta, self.logs, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+        return self

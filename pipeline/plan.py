@@ -1,0 +1,162 @@
+"""The frozen plan of a run: shards balanced by cost, written once under the run folder with the run
+snapshot (resolved config, versions, manifest fingerprint). Shard ids never depend on how many workers run
+them, so a relaunch or resume never re-shards.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import heapq
+import json
+import math
+import os
+import platform
+import tempfile
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import PlanConfig, RunConfig, config_from_dict, config_to_dict
+from pipeline.paths import RunPaths, check_component
+from pipeline.records import MediaItem, Shard
+
+PLAN_VERSION = 1
+
+
+class RunMismatchError(RuntimeError):
+    """The run folder was made from another config or manifest; mixing outputs is refused."""
+
+
+def make_plan(items: list[MediaItem], cfg: PlanConfig) -> list[Shard]:
+    """Greedy longest-processing-time balancing of frames x pixels over a fixed number of shards, each
+    holding at most max_items_per_shard items; items keep manifest order inside a shard."""
+    if not items:
+        return []
+    n_shards = cfg.num_shards or math.ceil(len(items) / cfg.max_items_per_shard)
+    n_shards = max(1, min(n_shards, len(items)))
+    cap = math.ceil(len(items) / n_shards) if cfg.num_shards else cfg.max_items_per_shard
+    order = sorted(range(len(items)), key=lambda i: (-items[i].cost, i))
+    heap = [(0.0, s) for s in range(n_shards)]  # (cost so far, shard id)
+    members: list[list[int]] = [[] for _ in range(n_shards)]
+    for i in order:
+        cost, s = heapq.heappop(heap)  # the cheapest shard that still has room (n_shards * cap >= items)
+        members[s].append(i)
+        if len(members[s]) < cap:
+            heapq.heappush(heap, (cost + items[i].cost, s))
+    shards = []
+    for s, idx in enumerate(members):
+        idx.sort()
+        shards.append(Shard(s, tuple(items[i].item_id for i in idx), float(sum(items[i].cost for i in idx))))
+    return [sh for sh in shards if sh.item_ids]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def manifest_fingerprint(items: list[MediaItem]) -> str:
+    h = hashlib.sha256()
+    for it in items:
+        h.update(json.dumps([it.item_id, it.path, it.num_frames, it.width, it.height, it.bytes]).encode())
+    return h.hexdigest()
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("masklet", "torch", "sam2", "zarr", "numpy", "av", "pyarrow", "dask", "submitit"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _config_fingerprint(cfg: RunConfig) -> str:
+    """What must not change within a run: everything that decides the masks (not executor settings)."""
+    d = config_to_dict(cfg)
+    for volatile in ("executor", "local", "retries"):
+        d.pop(volatile, None)
+    for volatile in ("device", "threads", "cache_dir", "allow_download"):
+        d["model"].pop(volatile, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    paths: RunPaths
+    config: RunConfig
+    items: dict[str, MediaItem]
+    shards: list[Shard]
+    snapshot: dict
+
+    def shard(self, shard_id: int) -> Shard:
+        for s in self.shards:
+            if s.shard_id == shard_id:
+                return s
+        raise KeyError(f"shard {shard_id} is not in the plan of {self.paths.root} (shards 0..{len(self.shards) - 1})")
+
+
+def _items_table(items: list[MediaItem]) -> pa.Table:
+    return pa.Table.from_pylist([dataclasses.asdict(it) for it in items])
+
+
+def prepare_run(out: str | Path, items: list[MediaItem], cfg: RunConfig) -> RunPlan:
+    """Freeze the plan under OUT, or reopen it: a second `run` on the same OUT with the same manifest and
+    config resumes; a changed one is refused (mixing outputs of two configs would make a corrupt dataset)."""
+    paths = RunPaths.of(out)
+    for it in items:
+        check_component(it.item_id)
+    fingerprint = manifest_fingerprint(items)
+    if paths.snapshot.exists():
+        existing = load_run(out)
+        old = existing.snapshot
+        if old["manifest_fingerprint"] != fingerprint:
+            raise RunMismatchError(
+                f"{paths.root} was planned from a different manifest (fingerprint {old['manifest_fingerprint'][:12]} "
+                f"vs {fingerprint[:12]}); resume it with its own manifest, or start a new run with another --out"
+            )
+        if old["config_fingerprint"] != _config_fingerprint(cfg):
+            raise RunMismatchError(
+                f"{paths.root} was made with another config (see {paths.snapshot}: 'config'); its masks would "
+                f"not match the new settings. Use the same config to resume, or another --out for a new run"
+            )
+        return existing
+    paths.ensure()
+    shards = make_plan(items, cfg.plan)
+    pq.write_table(_items_table(items), paths.manifest)
+    plan = {"version": PLAN_VERSION, "shards": [dataclasses.asdict(s) for s in shards]}
+    _atomic_write_text(paths.plan, json.dumps(plan, indent=1))
+    snapshot = {
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "config": config_to_dict(cfg),
+        "config_fingerprint": _config_fingerprint(cfg),
+        "manifest_fingerprint": fingerprint,
+        "num_items": len(items),
+        "num_shards": len(shards),
+        "random_weights": cfg.model.random_weights,
+        "versions": _versions(),
+    }
+    _atomic_write_text(paths.snapshot, json.dumps(snapshot, indent=1))  # written last: marks the plan complete
+    return load_run(out)
+
+
+def load_run(out: str | Path) -> RunPlan:
+    paths = RunPaths.of(out)
+    if not paths.snapshot.exists():
+        raise FileNotFoundError(f"{paths.root} is not a masklet run folder (no run.json); start one with `masklet run`")
+    snapshot = json.loads(paths.snapshot.read_text())
+    plan = json.loads(paths.plan.read_text())
+    shards = [Shard(s["shard_id"], tuple(s["item_ids"]), s["cost"]) for s in plan["shards"]]
+    rows = pq.read_table(paths.manifest).to_pylist()
+    items = {r["item_id"]: MediaItem(**r) for r in rows}
+    return RunPlan(paths, config_from_dict(snapshot["config"]), items, shards, snapshot)

@@ -1,0 +1,219 @@
+"""Building SAM 2 models: checkpoint resolution (path -> cache -> official download), verification, and
+seeded random-weight models of the real architecture for tests and offline demos.
+
+The only module that calls sam2's builders. Everything it returns is a `LoadedModel` record.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+_OFFICIAL_BASE = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    config_file: str  # the sam2 package's own hydra config
+    checkpoint_file: str
+
+    @property
+    def url(self) -> str:
+        return f"{_OFFICIAL_BASE}/{self.checkpoint_file}"
+
+
+MODEL_SPECS = {
+    "sam2.1_hiera_tiny": ModelSpec("sam2.1_hiera_tiny", "configs/sam2.1/sam2.1_hiera_t.yaml", "sam2.1_hiera_tiny.pt"),
+    "sam2.1_hiera_small": ModelSpec("sam2.1_hiera_small", "configs/sam2.1/sam2.1_hiera_s.yaml", "sam2.1_hiera_small.pt"),
+    "sam2.1_hiera_base_plus": ModelSpec(
+        "sam2.1_hiera_base_plus", "configs/sam2.1/sam2.1_hiera_b+.yaml", "sam2.1_hiera_base_plus.pt"
+    ),
+    "sam2.1_hiera_large": ModelSpec("sam2.1_hiera_large", "configs/sam2.1/sam2.1_hiera_l.yaml", "sam2.1_hiera_large.pt"),
+}
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint cannot be found, fetched or verified; the message says how to get it."""
+
+
+@dataclass
+class LoadedModel:
+    """A SAM 2 video predictor (it is also a SAM2Base, so the automatic mask generator shares it)."""
+
+    predictor: "torch.nn.Module"
+    name: str
+    checkpoint: str | None  # resolved path; None for random weights
+    checkpoint_sha256: str | None
+    random_weights: bool
+    image_size: int
+    device: torch.device
+
+    @property
+    def label(self) -> str:
+        tag = " [RANDOM WEIGHTS: plumbing only, not real masks]" if self.random_weights else ""
+        return f"{self.name}@{self.image_size}{tag}"
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(requested)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"model.device={requested!r} but CUDA is not available here; use model.device=cpu or auto")
+    return dev
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _hydra_overrides(image_size: int | None) -> list[str]:
+    return [f"++model.image_size={image_size}"] if image_size else []
+
+
+def _download(url: str, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
+            expected = int(resp.headers.get("Content-Length") or 0)
+            shutil.copyfileobj(resp, out, length=1 << 20)
+        got = os.path.getsize(tmp_name)
+        if expected and got != expected:
+            raise CheckpointError(f"download of {url} was cut short ({got} of {expected} bytes); run again")
+        os.replace(tmp_name, dest)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def resolve_checkpoint(cfg: ModelConfig) -> tuple[Path, str]:
+    """Explicit path, else `<cache_dir>/<file>`, else download (when allowed). Returns (path, sha256).
+
+    The sha256 of a downloaded file is recorded beside it; a cached file whose sha256 no longer matches
+    its record is refused (a truncated or replaced file), so a corrupt cache never reaches a run.
+    """
+    spec = MODEL_SPECS[cfg.name]
+    how_to_get = (
+        f"download it on a machine with internet access:\n"
+        f"    curl -L -o {spec.checkpoint_file} {spec.url}\n"
+        f"then copy it to {Path(cfg.cache_dir).expanduser() / spec.checkpoint_file} "
+        f"or pass model.checkpoint=/path/to/{spec.checkpoint_file}"
+    )
+    if cfg.checkpoint:
+        path = Path(cfg.checkpoint).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"model.checkpoint={cfg.checkpoint} does not exist; {how_to_get}")
+        return path, sha256_of(path)
+    cached = Path(cfg.cache_dir).expanduser() / spec.checkpoint_file
+    if not cached.is_file():
+        if not cfg.allow_download:
+            raise CheckpointError(
+                f"checkpoint {spec.checkpoint_file} for model {cfg.name} is not in {cached.parent} and "
+                f"model.allow_download=false; {how_to_get}"
+            )
+        log.info("downloading %s to %s", spec.url, cached)
+        try:
+            _download(spec.url, cached)
+        except (urllib.error.URLError, OSError, TimeoutError) as e:
+            raise CheckpointError(
+                f"could not download {spec.url} ({e}); this machine looks offline. {how_to_get}"
+            ) from e
+        digest = sha256_of(cached)
+        _sidecar(cached).write_text(digest + "\n")
+        return cached, digest
+    digest = sha256_of(cached)
+    side = _sidecar(cached)
+    if side.exists() and side.read_text().strip() != digest:
+        raise CheckpointError(
+            f"cached checkpoint {cached} does not match its recorded sha256 ({side}); it was truncated or "
+            f"replaced. Delete both files and run again, or {how_to_get}"
+        )
+    return cached, digest
+
+
+def _build_predictor(cfg: ModelConfig, ckpt_path: Path | None, device: torch.device):
+    from sam2.build_sam import build_sam2_video_predictor
+
+    spec = MODEL_SPECS[cfg.name]
+    try:
+        predictor = build_sam2_video_predictor(
+            spec.config_file,
+            ckpt_path=str(ckpt_path) if ckpt_path else None,
+            device=str(device),
+            hydra_overrides_extra=_hydra_overrides(cfg.image_size),
+        )
+    except RuntimeError as e:  # sam2 raises a bare RuntimeError() on missing/unexpected keys
+        raise CheckpointError(
+            f"checkpoint {ckpt_path} does not fit model {cfg.name} (missing or unexpected weights); "
+            f"check model.name matches the file (see the log above for the keys)"
+        ) from e
+    except (KeyError, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {ckpt_path} could not be read ({e}); download it again") from e
+    # Hole filling needs sam2's CUDA extension; without it sam2 warns on every frame and skips it.
+    # Keep sam2's behaviour on GPUs where the extension is built, and turn it off (quietly) elsewhere.
+    if device.type != "cuda":
+        predictor.fill_hole_area = 0
+    return predictor
+
+
+def random_checkpoint(cfg: ModelConfig, dest: Path) -> Path:
+    """Save a seeded random-weight model of the real architecture as a checkpoint file (`{"model": sd}`),
+    so tests and demos go through the same loading code as real checkpoints."""
+    from sam2.build_sam import build_sam2
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model = build_sam2(MODEL_SPECS[cfg.name].config_file, ckpt_path=None, device="cpu",
+                       hydra_overrides_extra=_hydra_overrides(cfg.image_size))
+    tmp = dest.with_name(dest.name + ".tmp")
+    torch.save({"model": model.state_dict()}, tmp)
+    os.replace(tmp, dest)
+    return dest
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    """Resolve, verify and build. Random weights: built from the seed (or from model.checkpoint if given,
+    so a test can save one random checkpoint and load it through the same path as a real one)."""
+    if cfg.name not in MODEL_SPECS:
+        raise CheckpointError(f"unknown model {cfg.name!r}; use one of {sorted(MODEL_SPECS)}")
+    device = pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.random_weights and not cfg.checkpoint:
+        torch.manual_seed(cfg.seed)
+        predictor = _build_predictor(cfg, None, device)
+        ckpt, digest = None, None
+    else:
+        ckpt, digest = resolve_checkpoint(cfg)
+        predictor = _build_predictor(cfg, ckpt, device)
+    return LoadedModel(
+        predictor=predictor,
+        name=cfg.name,
+        checkpoint=str(ckpt) if ckpt else None,
+        checkpoint_sha256=digest,
+        random_weights=cfg.random_weights,
+        image_size=int(predictor.image_size),
+        device=device,
+    )

@@ -1,0 +1,114 @@
+"""Masklets in Zarr v3: one bool array per item at `masks/<item_id>`, shape (objects, frames, H, W).
+
+Each masklet-frame is its own chunk (1, 1, H, W), so one object on one frame reads without touching the
+others; chunks are packed by Zarr's sharding codec into one file per `frames_per_file` frames (all objects),
+so an item costs 1 + ceil(frames / frames_per_file) files. Blosc zstd with bit-shuffle: masks are mostly
+runs of equal bytes, and bit-shuffling packs 8 bool bytes into one before compressing.
+
+Arrays are written under the run's tmp/ and renamed into place when complete: a reader never sees half of
+one, and only items committed in the metadata are read at all.
+"""
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from pipeline.config import StoreConfig
+from pipeline.paths import RunPaths
+from pipeline.records import FrameMasks
+
+MASKS_GROUP_ATTRS = {"layout": "masks/<item_id>: bool (objects, frames, height, width)"}
+
+
+def _compressors(cfg: StoreConfig):
+    if cfg.compressor == "blosc-zstd":
+        return [BloscCodec(cname="zstd", clevel=cfg.level, shuffle="bitshuffle")]
+    if cfg.compressor == "zstd":
+        return [ZstdCodec(level=cfg.level)]
+    return None
+
+
+def ensure_group(paths: RunPaths) -> None:
+    if not (paths.masks / "zarr.json").exists():
+        zarr.open_group(str(paths.masks), mode="a", attributes=MASKS_GROUP_ATTRS)
+
+
+class MaskWriter:
+    """Streams FrameMasks of one item into a staged Zarr array; `publish()` moves it into the run."""
+
+    def __init__(self, paths: RunPaths, item_id: str, num_objects: int, num_frames: int, height: int,
+                 width: int, cfg: StoreConfig, attributes: dict):
+        self.paths = paths
+        self.item_id = item_id
+        self.shape = (num_objects, num_frames, height, width)
+        self.stage = paths.tmp / f"{item_id}.{uuid.uuid4().hex[:8]}.zarr"
+        per_file = max(1, min(cfg.frames_per_file, num_frames))
+        self.array = zarr.create_array(
+            store=str(self.stage),
+            shape=self.shape,
+            dtype=bool,
+            chunks=(1, 1, height, width),
+            shards=(max(1, num_objects), per_file, height, width),
+            compressors=_compressors(cfg),
+            fill_value=False,
+            attributes=attributes,
+        )
+        self.per_file = per_file
+        self._buffer: list[np.ndarray] = []
+        self._start = 0  # first frame of the buffered slab
+        self.frames_written = 0
+
+    @property
+    def frames_buffered(self) -> int:
+        """Frames received so far (written or waiting in the buffer)."""
+        return self._start + len(self._buffer)
+
+    def write(self, fm: FrameMasks) -> None:
+        if fm.frame != self._start + len(self._buffer):
+            raise ValueError(f"item {self.item_id}: frame {fm.frame} arrived out of order")
+        self._buffer.append(fm.masks)
+        if len(self._buffer) == self.per_file:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        slab = np.stack(self._buffer, axis=1)  # (O, F, H, W): one whole shard file, written once
+        end = self._start + slab.shape[1]
+        if self.shape[0]:
+            self.array[:, self._start:end] = slab
+        self._start = end
+        self.frames_written = end
+        self._buffer = []
+
+    def finish(self, num_frames: int | None = None, attributes: dict | None = None) -> None:
+        """Flush, and shrink the time axis if the media had fewer frames than probed."""
+        self._flush()
+        if num_frames is not None and num_frames != self.shape[1]:
+            self.array.resize((self.shape[0], num_frames, self.shape[2], self.shape[3]))
+            self.shape = (self.shape[0], num_frames, self.shape[2], self.shape[3])
+        if attributes:
+            self.array.update_attributes(attributes)
+
+    def publish(self) -> Path:
+        """Move the staged array to masks/<item_id> (replacing an uncommitted leftover of an earlier try)."""
+        ensure_group(self.paths)
+        final = self.paths.mask_array(self.item_id)
+        if final.exists():
+            trash = self.paths.tmp / f"{final.name}.old.{uuid.uuid4().hex[:8]}"
+            final.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        self.stage.rename(final)
+        return final
+
+    def abort(self) -> None:
+        shutil.rmtree(self.stage, ignore_errors=True)
+
+
+def open_masks(paths: RunPaths, item_id: str) -> zarr.Array:
+    return zarr.open_array(str(paths.mask_array(item_id)), mode="r")

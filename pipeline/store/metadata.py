@@ -1,0 +1,141 @@
+"""Parquet tables with explicit schemas: items, masklets (one row per object) and frames (one row per
+object per frame). Pure functions from records to Arrow tables; the commit module writes them.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+ITEMS_SCHEMA = pa.schema([
+    ("item_id", pa.string()),
+    ("path", pa.string()),
+    ("kind", pa.string()),
+    ("shard_id", pa.int32()),
+    ("status", pa.string()),  # done | failed
+    ("error", pa.string()),
+    ("attempts", pa.int32()),
+    ("num_frames", pa.int32()),  # frames decoded and segmented (the Zarr time axis)
+    ("source_num_frames", pa.int64()),  # frames in the media, as probed
+    ("stride", pa.int32()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("fps", pa.float64()),
+    ("num_objects", pa.int32()),
+    ("model", pa.string()),
+    ("image_size", pa.int32()),
+    ("checkpoint_sha256", pa.string()),
+    ("random_weights", pa.bool_()),
+    ("device", pa.string()),
+    ("seconds_decode", pa.float64()),
+    ("seconds_prompt", pa.float64()),
+    ("seconds_propagate", pa.float64()),
+    ("seconds_write", pa.float64()),
+    ("seconds_total", pa.float64()),
+    ("finished_at", pa.timestamp("ms", tz="UTC")),
+])
+
+MASKLETS_SCHEMA = pa.schema([
+    ("item_id", pa.string()),
+    ("object_id", pa.int32()),
+    ("masklet_id", pa.string()),  # "<item_id>/<object_id>": stable across runs of the same plan
+    ("prompt_source", pa.string()),  # amg
+    ("prompt_frame", pa.int32()),
+    ("prompt_source_frame", pa.int64()),
+    ("prompt_x", pa.float32()),
+    ("prompt_y", pa.float32()),
+    ("predicted_iou", pa.float32()),
+    ("stability_score", pa.float32()),
+    ("prompt_area", pa.int64()),
+    ("first_frame", pa.int32()),  # first decoded frame where the mask is non-empty (-1: never)
+    ("last_frame", pa.int32()),
+    ("frames_visible", pa.int32()),
+    ("area_mean", pa.float64()),  # over visible frames
+    ("area_min", pa.int64()),
+    ("area_max", pa.int64()),
+])
+
+FRAMES_SCHEMA = pa.schema([
+    ("item_id", pa.string()),
+    ("object_id", pa.int32()),
+    ("frame", pa.int32()),  # position on the Zarr time axis
+    ("source_frame", pa.int64()),  # index of the frame in the original media
+    ("area", pa.int64()),
+    ("bbox_x", pa.int32()),  # tight box of the mask, pixels, XYWH; all 0 when the mask is empty
+    ("bbox_y", pa.int32()),
+    ("bbox_w", pa.int32()),
+    ("bbox_h", pa.int32()),
+    ("object_score", pa.float32()),  # SAM 2 object-presence logit (> 0: the model thinks it is present)
+])
+
+
+def mask_stats(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(O, H, W) bool -> areas (O,) int64 and boxes (O, 4) int32 XYWH (zeros where empty)."""
+    areas = masks.reshape(masks.shape[0], -1).sum(axis=1, dtype=np.int64)
+    boxes = np.zeros((masks.shape[0], 4), dtype=np.int32)
+    rows = masks.any(axis=2)
+    cols = masks.any(axis=1)
+    for o in np.flatnonzero(areas):
+        ys = np.flatnonzero(rows[o])
+        xs = np.flatnonzero(cols[o])
+        boxes[o] = (xs[0], ys[0], xs[-1] - xs[0] + 1, ys[-1] - ys[0] + 1)
+    return areas, boxes
+
+
+class FrameRows:
+    """Accumulates per-frame rows column-wise while an item is propagated."""
+
+    def __init__(self, item_id: str):
+        self.item_id = item_id
+        self.cols: dict[str, list] = {name: [] for name in FRAMES_SCHEMA.names}
+
+    def add(self, frame: int, source_frame: int, object_ids, masks: np.ndarray, scores: np.ndarray) -> None:
+        areas, boxes = mask_stats(masks)
+        n = len(object_ids)
+        self.cols["item_id"].extend([self.item_id] * n)
+        self.cols["object_id"].extend(object_ids)
+        self.cols["frame"].extend([frame] * n)
+        self.cols["source_frame"].extend([source_frame] * n)
+        self.cols["area"].extend(areas.tolist())
+        for i, name in enumerate(("bbox_x", "bbox_y", "bbox_w", "bbox_h")):
+            self.cols[name].extend(boxes[:, i].tolist())
+        self.cols["object_score"].extend(np.asarray(scores, dtype=np.float32).tolist())
+
+    def table(self) -> pa.Table:
+        return pa.table(self.cols, schema=FRAMES_SCHEMA)
+
+
+def masklets_table(item_id: str, prompts, source_frames: list[int], frames: pa.Table) -> pa.Table:
+    """One row per prompted object, with track statistics derived from that item's frame rows."""
+    obj = np.asarray(frames.column("object_id").to_numpy(zero_copy_only=False))
+    frm = np.asarray(frames.column("frame").to_numpy(zero_copy_only=False))
+    area = np.asarray(frames.column("area").to_numpy(zero_copy_only=False))
+    rows = {name: [] for name in MASKLETS_SCHEMA.names}
+    for p in prompts:
+        sel = (obj == p.object_id) & (area > 0)
+        vis_frames, vis_area = frm[sel], area[sel]
+        rows["item_id"].append(item_id)
+        rows["object_id"].append(p.object_id)
+        rows["masklet_id"].append(f"{item_id}/{p.object_id}")
+        rows["prompt_source"].append(p.source)
+        rows["prompt_frame"].append(p.frame)
+        rows["prompt_source_frame"].append(source_frames[p.frame])
+        rows["prompt_x"].append(p.point[0])
+        rows["prompt_y"].append(p.point[1])
+        rows["predicted_iou"].append(p.predicted_iou)
+        rows["stability_score"].append(p.stability_score)
+        rows["prompt_area"].append(p.area)
+        rows["first_frame"].append(int(vis_frames.min()) if len(vis_frames) else -1)
+        rows["last_frame"].append(int(vis_frames.max()) if len(vis_frames) else -1)
+        rows["frames_visible"].append(int(len(vis_frames)))
+        rows["area_mean"].append(float(vis_area.mean()) if len(vis_area) else 0.0)
+        rows["area_min"].append(int(vis_area.min()) if len(vis_area) else 0)
+        rows["area_max"].append(int(vis_area.max()) if len(vis_area) else 0)
+    return pa.table(rows, schema=MASKLETS_SCHEMA)
+
+
+def items_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=ITEMS_SCHEMA)
+
+
+def empty(schema: pa.Schema) -> pa.Table:
+    return schema.empty_table()

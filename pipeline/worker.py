@@ -1,0 +1,251 @@
+"""run_shard(run_dir, shard_id): the unit every executor launches, with plain arguments only.
+
+It reads the frozen plan from disk, skips items already committed, builds the model once (only if there
+is work), and for each item composes the stages decode -> prompt -> propagate -> write, then commits the
+item's rows last. One bad item never fails the shard: it is retried `retries` times, then committed as a
+failed row with its error.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, Iterator
+
+import numpy as np
+
+from pipeline.config import RunConfig
+from pipeline.plan import RunPlan, load_run
+from pipeline.records import FrameMasks, ItemResult, MediaItem
+from pipeline.stages.decode import open_frames
+from pipeline.stages.models import LoadedModel, load_model
+from pipeline.stages.prompt import make_generator, prompt_keyframe
+from pipeline.stages.propagate import MediaEnded, propagate
+from pipeline.store import metadata
+from pipeline.store.commit import commit_item, committed_items
+from pipeline.store.masks import MaskWriter
+
+log = logging.getLogger("masklet.worker")
+
+
+@dataclass
+class ShardSummary:
+    """Mergeable per-shard counts (`a + b`)."""
+
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    frames: int = 0
+    seconds: float = 0.0
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def __add__(self, other: "ShardSummary") -> "ShardSummary":
+        return ShardSummary(self.done + other.done, self.failed + other.failed, self.skipped + other.skipped,
+                            self.frames + other.frames, self.seconds + other.seconds, {**self.errors, **other.errors})
+
+
+class Models:
+    """The models a shard needs, built once on first use (a shard whose items are all done loads nothing)."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self._model: LoadedModel | None = None
+        self._generator = None
+
+    @property
+    def model(self) -> LoadedModel:
+        if self._model is None:
+            self._model = load_model(self.cfg.model)
+            log.info("model %s on %s", self._model.label, self._model.device)
+        return self._model
+
+    @property
+    def generator(self):
+        if self._generator is None:
+            self._generator = make_generator(self.model, self.cfg.prompt)
+        return self._generator
+
+
+def _stride(item: MediaItem, cfg: RunConfig) -> int:
+    if cfg.decode.target_fps and item.fps:
+        return max(1, round(item.fps / cfg.decode.target_fps))
+    return cfg.decode.stride
+
+
+class _Timer:
+    """Wraps the frame iterator so decode time is measured apart from model time."""
+
+    def __init__(self, it: Iterator):
+        self.it = it
+        self.seconds = 0.0
+        self.count = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t0 = time.perf_counter()
+        try:
+            value = next(self.it)
+        finally:
+            self.seconds += time.perf_counter() - t0
+        self.count += 1
+        return value
+
+
+def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models) -> tuple[ItemResult, dict]:
+    """Decode, prompt, propagate and write one item; returns its result and its three tables.
+    Raises on any failure (the caller records it); masks are staged and only published on success."""
+    cfg = plan.config
+    t_start = time.perf_counter()
+    if item.error:
+        raise ValueError(f"probe failed: {item.error}")
+    source = open_frames(item, stride=_stride(item, cfg), max_frames=cfg.decode.max_frames)
+    frames = _Timer(rgb for _, rgb in source)
+    first = next(frames, None)
+    if first is None:
+        raise ValueError(f"{item.path}: no frame could be decoded")
+    height, width = first.shape[:2]
+    model = models.model
+    t0 = time.perf_counter()
+    prompts = prompt_keyframe(models.generator, first, cfg.prompt, frame=0)
+    seconds_prompt = time.perf_counter() - t0
+    num_frames = len(source) if cfg.propagate.enabled else 1
+    attrs = {
+        "item_id": item.item_id,
+        "source_frames": list(source.source_frames[:num_frames]),
+        "object_ids": [p.object_id for p in prompts],
+        "model": model.label,
+        "random_weights": model.random_weights,
+    }
+    writer = MaskWriter(plan.paths, item.item_id, len(prompts), num_frames, height, width, cfg.store, attrs)
+    rows = metadata.FrameRows(item.item_id)
+    seconds_write = 0.0
+    t_prop = time.perf_counter()
+    try:
+        if prompts and cfg.propagate.enabled:
+            stream = propagate(model, itertools.chain([first], frames), num_frames, height, width, prompts,
+                               source.source_frames, cfg.propagate.mask_threshold)
+            try:
+                for fm in stream:
+                    t_w = time.perf_counter()
+                    writer.write(fm)
+                    rows.add(fm.frame, fm.source_frame, fm.object_ids, fm.masks, fm.object_scores)
+                    seconds_write += time.perf_counter() - t_w
+            except MediaEnded as e:
+                # Headers can overstate the frame count; keep what was really decoded.
+                log.warning("%s: %s; keeping %d frames", item.item_id, e, writer.frames_buffered)
+        elif prompts:
+            masks = np.stack([p.mask for p in prompts])
+            fm = FrameMasks(0, source.source_frames[0], tuple(p.object_id for p in prompts), masks,
+                            np.full(len(prompts), np.nan, dtype=np.float32))
+            writer.write(fm)
+            rows.add(0, fm.source_frame, fm.object_ids, masks, fm.object_scores)
+        if cfg.propagate.enabled:
+            for _ in frames:  # no-op after a propagation; counts the frames of an item without objects
+                pass
+            real_frames = writer.frames_buffered if prompts else frames.count
+        else:
+            real_frames = 1
+        writer.finish(num_frames=real_frames, attributes={"source_frames": list(source.source_frames[:real_frames])})
+        writer.publish()
+    except BaseException:
+        writer.abort()
+        raise
+    seconds_propagate = time.perf_counter() - t_prop - seconds_write - frames.seconds
+    frames_table = rows.table()
+    masklets = metadata.masklets_table(item.item_id, prompts, source.source_frames, frames_table)
+    result = ItemResult(
+        item_id=item.item_id, status="done", num_frames=real_frames, num_objects=len(prompts),
+        width=width, height=height, seconds_decode=frames.seconds, seconds_prompt=seconds_prompt,
+        seconds_propagate=max(0.0, seconds_propagate), seconds_write=seconds_write,
+        seconds_total=time.perf_counter() - t_start,
+    )
+    return result, {"masklets": masklets, "frames": frames_table, "stride": _stride(item, cfg)}
+
+
+def _item_row(plan: RunPlan, shard_id: int, item: MediaItem, result: ItemResult, models: Models | None,
+              stride: int) -> dict:
+    loaded = models._model if models else None
+    cfg = plan.config
+    return {
+        "item_id": item.item_id, "path": item.path, "kind": item.kind, "shard_id": shard_id,
+        "status": result.status, "error": result.error, "attempts": result.attempts,
+        "num_frames": result.num_frames, "source_num_frames": item.num_frames, "stride": stride,
+        "width": result.width or item.width, "height": result.height or item.height, "fps": item.fps,
+        "num_objects": result.num_objects, "model": cfg.model.name,
+        "image_size": loaded.image_size if loaded else cfg.model.image_size,
+        "checkpoint_sha256": loaded.checkpoint_sha256 if loaded else None,
+        "random_weights": cfg.model.random_weights, "device": str(loaded.device) if loaded else None,
+        "seconds_decode": result.seconds_decode, "seconds_prompt": result.seconds_prompt,
+        "seconds_propagate": result.seconds_propagate, "seconds_write": result.seconds_write,
+        "seconds_total": result.seconds_total, "finished_at": datetime.now(timezone.utc),
+    }
+
+
+def _setup_shard_log(plan: RunPlan, shard_id: int) -> logging.Handler:
+    plan.paths.logs.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(plan.paths.shard_log(shard_id))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("masklet")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    return handler
+
+
+def run_shard(run_dir: str, shard_id: int, on_item: Callable[[ItemResult], None] | None = None) -> ShardSummary:
+    """Process every uncommitted item of one shard. Safe to call again after any interruption."""
+    t0 = time.perf_counter()
+    plan = load_run(run_dir)
+    shard = plan.shard(shard_id)
+    handler = _setup_shard_log(plan, shard_id)
+    summary = ShardSummary()
+    try:
+        done = committed_items(plan.paths, shard_id)
+        models = Models(plan.config)
+        for item_id in shard.item_ids:
+            if item_id in done:
+                summary.skipped += 1
+                continue
+            item = plan.items[item_id]
+            result, tables, stride = _run_with_retries(plan, shard_id, item, models)
+            row = _item_row(plan, shard_id, item, result, models, stride)
+            tables["items"] = metadata.items_table([row])
+            commit_item(plan.paths, shard_id, item_id, tables)  # last: the item now exists for readers
+            if result.status == "done":
+                summary.done += 1
+                summary.frames += result.num_frames
+            else:
+                summary.failed += 1
+                summary.errors[item_id] = result.error or ""
+            if on_item:
+                on_item(result)
+    finally:
+        logging.getLogger("masklet").removeHandler(handler)
+        handler.close()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _run_with_retries(plan: RunPlan, shard_id: int, item: MediaItem, models: Models):
+    attempts = 1 + plan.config.retries
+    stride = _stride(item, plan.config)
+    for attempt in range(1, attempts + 1):
+        try:
+            result, tables = process_item(plan, shard_id, item, models)
+            stride = tables.pop("stride")
+            return ItemResult(**{**result.__dict__, "attempts": attempt}), tables, stride
+        except Exception as e:  # noqa: BLE001 - any per-item failure becomes that item's row
+            error = f"{type(e).__name__}: {e}"
+            log.warning("item %s attempt %d/%d failed: %s\n%s", item.item_id, attempt, attempts, error,
+                        traceback.format_exc())
+            deterministic = item.error is not None
+            if deterministic or attempt == attempts:
+                failed = ItemResult(item_id=item.item_id, status="failed", error=error, attempts=attempt)
+                empty = {"masklets": metadata.empty(metadata.MASKLETS_SCHEMA),
+                         "frames": metadata.empty(metadata.FRAMES_SCHEMA)}
+                return failed, empty, stride
+    raise AssertionError("unreachable")

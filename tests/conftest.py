@@ -1,0 +1,37 @@
+"""Shared fixtures: a seeded random-weight SAM 2.1 tiny checkpoint (real architecture, saved to disk and
+loaded back through the real loading code) and the overrides that make runs fast on a CPU.
+
+Masks from random weights prove plumbing, not quality."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+IMAGE_SIZE = 256
+THREADS = 2
+
+# Every test process pins the thread count: SAM 2 outputs are bit-identical across runs only then.
+torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory) -> str:
+    from pipeline.config import ModelConfig
+    from pipeline.stages.models import random_checkpoint as make
+
+    path = tmp_path_factory.mktemp("ckpt") / "sam2.1_hiera_tiny_random_seed0_256.pt"
+    make(ModelConfig(image_size=IMAGE_SIZE, seed=0), path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def fast_overrides(random_checkpoint) -> list[str]:
+    """Config overrides on top of configs/random-demo.yaml: load the random checkpoint from disk."""
+    return [f"model.checkpoint={random_checkpoint}", f"model.image_size={IMAGE_SIZE}", f"model.threads={THREADS}"]
+
+
+@pytest.fixture(scope="session")
+def demo_config() -> str:
+    return os.path.join(os.path.dirname(__file__), "..", "configs", "random-demo.yaml")
