@@ -16,10 +16,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from pipeline.config import PlanConfig, RunConfig, config_from_dict, config_to_dict
+from pipeline.manifest import items_to_table, manifest_fingerprint, read_manifest, write_table_atomic
 from pipeline.paths import RunPaths, check_component
 from pipeline.records import MediaItem, Shard
 
@@ -64,13 +62,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def manifest_fingerprint(items: list[MediaItem]) -> str:
-    h = hashlib.sha256()
-    for it in items:
-        h.update(json.dumps([it.item_id, it.path, it.num_frames, it.width, it.height, it.bytes]).encode())
-    return h.hexdigest()
-
-
 def _versions() -> dict:
     out = {"python": platform.python_version()}
     for pkg in ("masklet", "torch", "sam2", "zarr", "numpy", "av", "pyarrow", "dask", "submitit"):
@@ -106,10 +97,6 @@ class RunPlan:
         raise KeyError(f"shard {shard_id} is not in the plan of {self.paths.root} (shards 0..{len(self.shards) - 1})")
 
 
-def _items_table(items: list[MediaItem]) -> pa.Table:
-    return pa.Table.from_pylist([dataclasses.asdict(it) for it in items])
-
-
 def prepare_run(out: str | Path, items: list[MediaItem], cfg: RunConfig) -> RunPlan:
     """Freeze the plan under OUT, or reopen it: a second `run` on the same OUT with the same manifest and
     config resumes; a changed one is refused (mixing outputs of two configs would make a corrupt dataset)."""
@@ -133,7 +120,7 @@ def prepare_run(out: str | Path, items: list[MediaItem], cfg: RunConfig) -> RunP
         return existing
     paths.ensure()
     shards = make_plan(items, cfg.plan)
-    pq.write_table(_items_table(items), paths.manifest)
+    write_table_atomic(items_to_table(items), str(paths.manifest))
     plan = {"version": PLAN_VERSION, "shards": [dataclasses.asdict(s) for s in shards]}
     _atomic_write_text(paths.plan, json.dumps(plan, indent=1))
     snapshot = {
@@ -157,6 +144,5 @@ def load_run(out: str | Path) -> RunPlan:
     snapshot = json.loads(paths.snapshot.read_text())
     plan = json.loads(paths.plan.read_text())
     shards = [Shard(s["shard_id"], tuple(s["item_ids"]), s["cost"]) for s in plan["shards"]]
-    rows = pq.read_table(paths.manifest).to_pylist()
-    items = {r["item_id"]: MediaItem(**r) for r in rows}
+    items = {it.item_id: it for it in read_manifest(str(paths.manifest))}
     return RunPlan(paths, config_from_dict(snapshot["config"]), items, shards, snapshot)

@@ -20,7 +20,7 @@ import numpy as np
 from pipeline.config import RunConfig
 from pipeline.plan import RunPlan, load_run
 from pipeline.records import FrameMasks, ItemResult, MediaItem
-from pipeline.stages.decode import open_frames
+from pipeline.stages.decode import display_path, open_frames
 from pipeline.stages.models import LoadedModel, load_model
 from pipeline.stages.prompt import make_generator, prompt_keyframe
 from pipeline.stages.propagate import MediaEnded, propagate
@@ -172,7 +172,7 @@ def _item_row(plan: RunPlan, shard_id: int, item: MediaItem, result: ItemResult,
     loaded = models._model if models else None
     cfg = plan.config
     return {
-        "item_id": item.item_id, "path": item.path, "kind": item.kind, "shard_id": shard_id,
+        "item_id": item.item_id, "path": display_path(item.path), "kind": item.kind, "shard_id": shard_id,
         "status": result.status, "error": result.error, "attempts": result.attempts,
         "num_frames": result.num_frames, "source_num_frames": item.num_frames, "stride": stride,
         "width": result.width or item.width, "height": result.height or item.height, "fps": item.fps,

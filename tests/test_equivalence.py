@@ -11,6 +11,8 @@ first, at most max_objects); it picks among sam2's outputs and runs no model cod
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -52,7 +54,7 @@ def _plain_sam2_flow(folder, checkpoint, prompt_cfg):
 
 
 def test_pipeline_equals_plain_sam2_on_jpeg_folder(tmp_path, demo_config, fast_overrides, random_checkpoint):
-    folder = make_frame_folder(tmp_path / "media" / "clip", frames=6, width=160, height=120, ext="jpg", seed=3)
+    folder = Path(make_frame_folder(tmp_path / "media" / "clip", frames=6, width=160, height=120, ext="jpg", seed=3))
     assert main(["manifest", "build", str(tmp_path / "media"), "-o", str(tmp_path / "m.parquet")]) == 0
     out = tmp_path / "run"
     assert main(["run", "--manifest", str(tmp_path / "m.parquet"), "--out", str(out), "--config", demo_config,
