@@ -89,6 +89,9 @@ def _cmd_sample(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="masklet", description=__doc__)
+    from pipeline import __version__
+
+    parser.add_argument("--version", action="version", version=f"masklet {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -121,9 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from pipeline.plan import RunMismatchError
+    from pipeline.stages.models import CheckpointError
+
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, CheckpointError, RunMismatchError) as e:
+        # Input problems: one clear line (the message says the fix); -v shows the traceback too.
+        if args.verbose:
+            raise
         print(f"masklet: error: {e}", file=sys.stderr)
         return 2
 

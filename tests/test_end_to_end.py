@@ -96,3 +96,24 @@ def test_rerun_is_a_no_op_and_changed_config_is_refused(mixed_run, demo_config, 
     assert main(["run", "--manifest", str(manifest), "--out", str(out), "--config", demo_config,
                  *fast_overrides, "prompt.points_per_side=4"]) == 2
     assert "another config" in capsys.readouterr().err
+
+
+def test_a_bad_item_is_a_failed_row_and_the_shard_goes_on(tmp_path, demo_config, fast_overrides, capsys):
+    media = tmp_path / "media"
+    make_image(media / "good.png", width=96, height=64, seed=5)
+    (media / "fake.mp4").write_text("this is not a video")
+    manifest = tmp_path / "m.parquet"
+    assert main(["manifest", "build", str(media), "-o", str(manifest)]) == 0
+    out = tmp_path / "run"
+    assert main(["run", "--manifest", str(manifest), "--out", str(out), "--config", demo_config,
+                 *fast_overrides, "plan.max_items_per_shard=4"]) == 0
+    res = open_run(out)
+    rows = {r["item_id"]: r for r in res.items.to_pylist()}
+    assert rows["good.png"]["status"] == "done"
+    assert rows["fake.mp4"]["status"] == "failed" and "fake.mp4" in rows["fake.mp4"]["error"]
+    capsys.readouterr()
+    main(["status", str(out)])
+    text = capsys.readouterr().out
+    assert "1 done, 1 failed, 0 pending of 2" in text and "fake.mp4:" in text
+    with pytest.raises(KeyError, match="no committed masks"):
+        res.masks("fake.mp4")

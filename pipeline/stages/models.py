@@ -153,6 +153,20 @@ def resolve_checkpoint(cfg: ModelConfig) -> tuple[Path, str]:
     return cached, digest
 
 
+def verify_checkpoint(path: Path) -> None:
+    """Open the file the way sam2 will (weights_only, so no code in it can run) and check its shape of
+    contents, so a truncated download or a wrong file is named as such instead of failing deep in sam2."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - torch raises several types for unreadable archives
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e}); it is truncated "
+            f"or not a checkpoint: delete it and download it again"
+        ) from e
+    if not isinstance(sd, dict) or not isinstance(sd.get("model"), dict):
+        raise CheckpointError(f"checkpoint {path} has no 'model' state dict; is it a SAM 2 checkpoint?")
+
+
 def _build_predictor(cfg: ModelConfig, ckpt_path: Path | None, device: torch.device):
     from sam2.build_sam import build_sam2_video_predictor
 
@@ -207,6 +221,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         ckpt, digest = None, None
     else:
         ckpt, digest = resolve_checkpoint(cfg)
+        verify_checkpoint(ckpt)
         predictor = _build_predictor(cfg, ckpt, device)
     return LoadedModel(
         predictor=predictor,

@@ -1,0 +1,663 @@
+"""The propagation engine: SAM 2 tracking of prompted masks with memory bounded in video length, objects in
+batches sized to the device, and decoding ahead of the model.
+
+Same contract as `propagate()` (pipeline/stages/propagate.py): `track(...)` yields one `FrameMasks` per frame,
+in frame order, from the first prompt frame to the end. What differs is how the work is laid out:
+
+- Frames stream. A prefetch thread pulls RGB frames from the caller's iterator and preprocesses them exactly
+  as sam2's JPEG loader does, at most `prefetch` frames ahead of the model; the model reads them through
+  sam2's own `images[t]` access, and a frame is released as soon as the model has moved past it. (sam2's
+  `init_state` loads and preprocesses the whole video before the first frame is tracked.)
+- State is pruned. After each frame every non-conditioning output the model can no longer read is dropped:
+  frame t+1 reads at most the last `num_maskmem - 1` memory frames (every r-th, r =
+  `memory_temporal_stride_for_eval`) and the last `max_obj_ptrs_in_encoder - 1` object pointers, and what it
+  cannot read no later frame can (`oldest_readable_frame`). Conditioning (prompt) outputs always stay.
+  (sam2's predictor keeps every frame's outputs to the end of the video.)
+- Objects are batched. Objects with the same prompt frames go through memory attention, the mask decoder and
+  the memory encoder together, `object_batch` at a time, their memories stacked along sam2's batch dimension
+  (the layout of sam2's older batched predictor). With `object_batch=1` every model call is the one sam2's
+  per-object predictor makes, so masks are bit-identical to it; larger batches sum matrix products in
+  another order and agree to within float rounding (tests/test_track.py).
+- Nothing is done twice: sam2's `add_new_mask` consolidates every object's mask at video resolution after
+  each prompt (quadratic in objects, and never read by tracking); here each prompt costs one decoder pass and
+  one memory encoding, and each frame one upsampling of all objects' masks to video resolution.
+
+The model runs in the caller's thread and decoding in one helper thread that does no torch arithmetic (numpy
+and PIL only). Why: torch's OpenMP runtime (libgomp) gives every thread that runs a parallel op its own
+worker pool, and once more pool threads exist than cores it stops spinning between parallel regions; measured
+on a 2-core CPU, sam2's per-object propagation ran 1.7x slower in a second thread than in the main thread.
+To overlap writing masks with the next frame's compute, consume the stream with `write_behind`.
+
+The per-frame math is sam2's own (`_run_single_frame_inference`, `_run_memory_encoder`,
+`_get_orig_video_res_output` of SAM2VideoPredictor); this module owns only the state around it, built fresh
+per call, never leaving it.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline.records import FrameMasks, Prompt
+from pipeline.stages.models import LoadedModel
+from pipeline.stages.propagate import MediaEnded
+
+__all__ = ["TrackOptions", "TrackStats", "Tracking", "track", "write_behind", "default_object_batch",
+           "oldest_readable_frame", "memory_window", "preprocess_frame_numpy", "MediaEnded"]
+
+AUTOCAST_MODES = ("auto", "bf16", "fp16", "off")
+
+# --- the object-batch rule -------------------------------------------------------------------------------
+# Peak memory per object of one batched tracking step (memory attention, mask decoder, memory encoder, and the
+# object's share of the retained state), in bytes per model-input pixel (image_size ** 2). Measured on CPU in
+# float32 with random SAM 2.1 tiny: peak RSS of batched steps at 1, 4 and 8 objects, slope per object, at image
+# sizes 256 and 512 (`python benchmarks/bench_propagation.py --measure-object-memory` prints it). Float32 on CPU
+# bounds a GPU step from above: bf16 halves activations, and CUDA's fused attention never holds the
+# attention matrix.
+BYTES_PER_OBJECT_PIXEL = 160
+# Share of the free device memory the object batch may take; the rest is left for the frame's backbone
+# activations, the cached features, the frame's masks at video resolution and the allocator's slack.
+CUDA_MEMORY_SHARE = 0.5
+# Cap: past a few dozen objects a GPU step is compute-bound already and a bigger batch adds only memory.
+# Not measured (there was no GPU where this was written): a conservative guess, to be replaced by a measurement.
+MAX_CUDA_OBJECT_BATCH = 64
+
+
+def default_object_batch(device: torch.device | str, free_memory_bytes: int, image_size: int) -> int:
+    """Objects per batched step, per device (the rule `TrackOptions.object_batch=None` uses).
+
+    - CPU (anything that is not CUDA): 1. Measured on a 2-core CPU with random SAM 2.1 tiny at 512: sam2's
+      per-object predictor ran 0.44 fps at 8 objects and 0.12 at 32, its batched predictor 0.39 and 0.09.
+      CPU work is bound by arithmetic, so batching buys nothing, and per-object keeps masks bit-identical to
+      sam2's predictor.
+    - CUDA: as many objects as fit in CUDA_MEMORY_SHARE of the free memory at BYTES_PER_OBJECT_PIXEL *
+      image_size**2 bytes each; at least 1, at most MAX_CUDA_OBJECT_BATCH. One object leaves most of a GPU
+      idle, so batching is the main lever there, and memory is what bounds it.
+      E.g. image size 1024 with 20 GiB free: 20 GiB * 0.5 / (160 * 1024**2) = 64.
+    """
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return 1
+    if image_size <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    per_object = BYTES_PER_OBJECT_PIXEL * image_size * image_size
+    fit = int(max(0, free_memory_bytes) * CUDA_MEMORY_SHARE // per_object)
+    return max(1, min(MAX_CUDA_OBJECT_BATCH, fit))
+
+
+@dataclass(frozen=True)
+class TrackOptions:
+    """How the engine runs; the defaults are right for the device the model is on."""
+
+    object_batch: int | None = None  # objects per batched step; None: default_object_batch (1 on CPU)
+    prefetch: int = 2  # frames decoded and preprocessed ahead of the model
+    autocast: str = "auto"  # auto (bf16 on CUDA GPUs that support it, else off) | bf16 | fp16 | off
+    tf32: bool = True  # TF32 matmuls and convolutions on CUDA GPUs that have them (compute capability >= 8)
+    compile: bool = False  # torch.compile the model's parts as sam2's vos_optimized predictor does
+    mask_threshold: float = 0.0  # logits above this are foreground in the yielded masks
+
+    def __post_init__(self) -> None:
+        if self.object_batch is not None and self.object_batch < 1:
+            raise ValueError(f"object_batch={self.object_batch} must be >= 1, or None to choose per device")
+        if self.prefetch < 1:
+            raise ValueError(f"prefetch={self.prefetch} must be >= 1")
+        if self.autocast not in AUTOCAST_MODES:
+            raise ValueError(f"autocast={self.autocast!r}: use one of {AUTOCAST_MODES}")
+
+
+@dataclass
+class TrackStats:
+    """What a run did, updated while it runs (the `stats` of the iterator `track` returns)."""
+
+    frames: int = 0  # frames yielded
+    objects: int = 0
+    object_batch: int = 0  # objects per batched step used
+    batches: int = 0  # object batches per frame
+    autocast: str = "off"  # resolved: bf16 | fp16 | off
+    tf32: bool = False  # whether TF32 was on for the run
+    compiled: bool = False
+    memory_window: int = 0  # most non-conditioning outputs per object the next frame can read
+    max_non_cond_retained: int = 0  # most non-conditioning outputs held by any object batch between frames
+    frames_pulled: int = 0  # frames taken from the caller's iterator
+    max_frames_alive: int = 0  # most preprocessed frames in memory at once (queue, model, sam2's feature cache)
+    max_frames_ahead: int = 0  # most frames pulled beyond those yielded
+
+
+def oldest_readable_frame(model, frame: int, num_frames: int) -> int:
+    """The oldest earlier frame whose non-conditioning output tracking `frame` (forward in time) can read.
+
+    Mirrors sam2's SAM2Base._prepare_memory_conditioned_features: spatial memories come from frame - 1 and from
+    every r-th frame before it for t_rel = 2 .. num_maskmem - 1; object pointers from the last
+    min(num_frames, max_obj_ptrs_in_encoder) - 1 frames. Conditioning outputs are read from their own dict and
+    are never pruned. Non-decreasing in `frame`: what frame t+1 cannot read, no later frame can.
+    """
+    if model.num_maskmem == 0:  # no memory: sam2 skips the fusion altogether
+        return frame
+    oldest = frame - 1
+    if model.num_maskmem >= 3:
+        r = model.memory_temporal_stride_for_eval
+        oldest = min(oldest, ((frame - 2) // r) * r - (model.num_maskmem - 3) * r)
+    if model.use_obj_ptrs_in_encoder:
+        max_ptrs = min(num_frames, model.max_obj_ptrs_in_encoder)
+        if max_ptrs > 1:
+            oldest = min(oldest, frame - (max_ptrs - 1))
+    return oldest
+
+
+def memory_window(model, num_frames: int) -> int:
+    """Most non-conditioning outputs per object the engine holds between frames (what the next can read)."""
+    r = max(1, model.memory_temporal_stride_for_eval)
+    base = 4 * r * max(3, model.num_maskmem) + model.max_obj_ptrs_in_encoder  # clear of the video's start
+    return max(f - oldest_readable_frame(model, f, num_frames) for f in range(base, base + r))
+
+
+def resolve_autocast(mode: str, device: torch.device) -> str:
+    """'bf16' | 'fp16' | 'off' for this device ('auto': bf16 on CUDA GPUs that support it, else off)."""
+    if mode not in AUTOCAST_MODES:
+        raise ValueError(f"autocast={mode!r}: use one of {AUTOCAST_MODES}")
+    if mode == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+    if mode == "fp16" and device.type != "cuda":
+        raise ValueError(f"autocast='fp16' needs a CUDA device, the model is on {device}; use 'bf16' or 'off'")
+    return mode
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Free memory of the device the model runs on (available host memory for CPU)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError):
+        return 0
+
+
+def compile_model_parts(predictor) -> None:
+    """torch.compile the parts sam2's SAM2VideoPredictorVOS compiles, once per model. Like VOS, it changes
+    the model for every later user (the automatic mask generator shares it). CUDA graphs are left out: with
+    them sam2 has to clone every output of the compiled parts; without them no clone is needed."""
+    if getattr(predictor, "_masklet_compiled", False):
+        return
+    mode = "max-autotune-no-cudagraphs" if predictor.device.type == "cuda" else "default"
+    predictor.memory_encoder.forward = torch.compile(
+        predictor.memory_encoder.forward, mode=mode, fullgraph=True, dynamic=False)
+    predictor.memory_attention.forward = torch.compile(  # the number of memories grows over the first frames
+        predictor.memory_attention.forward, mode=mode, fullgraph=True, dynamic=True)
+    predictor.sam_prompt_encoder.forward = torch.compile(
+        predictor.sam_prompt_encoder.forward, mode=mode, fullgraph=True, dynamic=False)
+    predictor.sam_mask_decoder.forward = torch.compile(
+        predictor.sam_mask_decoder.forward, mode=mode, fullgraph=True, dynamic=False)
+    predictor._masklet_compiled = True
+
+
+# --- frames: decoded and preprocessed ahead, in a thread that does no torch arithmetic ----------------------
+
+_IMG_MEAN = np.asarray((0.485, 0.456, 0.406), dtype=np.float32)[:, None, None]
+_IMG_STD = np.asarray((0.229, 0.224, 0.225), dtype=np.float32)[:, None, None]
+
+
+def preprocess_frame_numpy(rgb: np.ndarray, image_size: int, pin_memory: bool = False) -> torch.Tensor:
+    """`propagate.preprocess_frame` bit for bit (the same PIL resize, float64 /255, float32 mean/std), computed
+    with numpy so that the prefetch thread starts no OpenMP pool of torch's (see the module's docstring).
+    With `pin_memory` the result is written straight into page-locked memory for an asynchronous GPU copy."""
+    resized = np.array(Image.fromarray(rgb).resize((image_size, image_size)))
+    image = torch.empty((3, image_size, image_size), dtype=torch.float32, pin_memory=pin_memory)
+    out = image.numpy()
+    out[:] = (resized / 255.0).transpose(2, 0, 1)  # float64 -> float32, as sam2 does
+    out -= _IMG_MEAN
+    out /= _IMG_STD
+    return image
+
+
+class _Ended:
+    """The caller's iterator ran out after `count` frames."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+
+class _Failure:
+    """An exception raised in a helper thread, carried to the thread that reports it."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.05)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+class _AliveCounter:
+    """Counts preprocessed frames whose memory is still held anywhere (the queue, the model, sam2's feature
+    cache): a finalizer on the tensor's storage fires only when the last view of it is gone."""
+
+    def __init__(self, stats: TrackStats):
+        self._lock = threading.Lock()
+        self._alive = 0
+        self._stats = stats
+
+    def track(self, tensor: torch.Tensor) -> None:
+        with self._lock:
+            self._alive += 1
+            self._stats.max_frames_alive = max(self._stats.max_frames_alive, self._alive)
+        weakref.finalize(tensor.untyped_storage(), self._release)
+
+    def _release(self) -> None:
+        with self._lock:
+            self._alive -= 1
+
+
+def _prefetch(frames: Iterable[np.ndarray], start: int, num_frames: int, image_size: int, pin: bool,
+              out: queue.Queue, stop: threading.Event, stats: TrackStats, alive: _AliveCounter) -> None:
+    """Pull frames 0..num_frames-1 from the caller's iterator (never more) and preprocess those from `start`."""
+    try:
+        it = iter(frames)
+        for t in range(num_frames):
+            if stop.is_set():
+                return
+            try:
+                rgb = next(it)
+            except StopIteration:
+                _put(out, _Ended(t), stop)
+                return
+            stats.frames_pulled = t + 1
+            stats.max_frames_ahead = max(stats.max_frames_ahead, t + 1 - stats.frames)
+            if t < start:
+                continue  # before the first prompt: never tracked, so never preprocessed
+            image = preprocess_frame_numpy(rgb, image_size, pin_memory=pin)
+            del rgb
+            alive.track(image)
+            if not _put(out, (t, image), stop):
+                return
+            del image
+    except BaseException as e:  # noqa: BLE001 - carried to the caller's thread and raised there
+        _put(out, _Failure(e), stop)
+
+
+class _FrameFeed:
+    """sam2's `images[t]`: frames taken from the prefetch queue in order; `release_before` drops old ones."""
+
+    def __init__(self, q: queue.Queue, num_frames: int, device: torch.device):
+        self._q = q
+        self._n = num_frames
+        self._device = device
+        self._held: dict[int, torch.Tensor] = {}
+        self._next = 0  # every frame before this one was received (and maybe released)
+        self._ended: _Ended | None = None
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, t: int) -> torch.Tensor:
+        while t not in self._held:
+            if t < self._next:
+                raise IndexError(f"frame {t} was already released (frames are streamed in order)")
+            if self._ended is not None:
+                raise MediaEnded(f"the media ended at frame {self._ended.count}, expected {self._n} frames")
+            item = self._q.get()
+            if isinstance(item, _Failure):
+                raise item.error
+            if isinstance(item, _Ended):
+                self._ended = item
+                continue
+            index, image = item
+            self._held[index] = image
+            self._next = index + 1
+        image = self._held[t]
+        if image.device != self._device:
+            return image.to(self._device, non_blocking=True)  # from pinned memory: asynchronous
+        return image
+
+    def release_before(self, t: int) -> None:
+        for index in [i for i in self._held if i < t]:
+            del self._held[index]
+
+
+# --- the engine --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Batch:
+    """Objects tracked together: their positions in object order, and their stacked sam2 output dict."""
+
+    objects: list[int]
+    output_dict: dict = field(default_factory=lambda: {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}})
+
+
+def _stack_outputs(outs: list[dict], constants: dict) -> dict:
+    """Per-object sam2 outputs of one frame -> one output of the batch (objects along sam2's batch dim)."""
+    if len(outs) == 1:
+        return outs[0]
+    b = len(outs)
+    return {
+        "maskmem_features": torch.cat([o["maskmem_features"] for o in outs]),
+        # the same for every frame and object: sam2 keeps one copy and expands it to the batch
+        "maskmem_pos_enc": [x.expand(b, -1, -1, -1) for x in constants["maskmem_pos_enc"]],
+        "pred_masks": torch.cat([o["pred_masks"] for o in outs]),
+        "obj_ptr": torch.cat([o["obj_ptr"] for o in outs]),
+        "object_score_logits": torch.cat([o["object_score_logits"] for o in outs]),
+    }
+
+
+def _mask_to_model_input(mask: np.ndarray, image_size: int, device: torch.device) -> torch.Tensor:
+    """A prompt mask as SAM2VideoPredictor.add_new_mask turns it into model input (same ops, same order)."""
+    m = torch.as_tensor(np.asarray(mask, dtype=bool))
+    if m.dim() != 2:
+        raise ValueError(f"a prompt mask must be 2-D (H, W), got shape {tuple(m.shape)}")
+    mask_inputs = m[None, None].float().to(device)
+    if m.shape[0] != image_size or m.shape[1] != image_size:
+        mask_inputs = F.interpolate(mask_inputs, size=(image_size, image_size), align_corners=False,
+                                    mode="bilinear", antialias=True)
+        mask_inputs = (mask_inputs >= 0.5).float()
+    return mask_inputs
+
+
+class _Engine:
+    """One item's tracking: prompts checked up front, then `frames(feed)` yields FrameMasks."""
+
+    def __init__(self, model: LoadedModel, num_frames: int, height: int, width: int, prompts: list[Prompt],
+                 source_frames: list[int], options: TrackOptions, stats: TrackStats):
+        self.model = model
+        self.predictor = model.predictor
+        self.device = torch.device(self.predictor.device)
+        self.num_frames = num_frames
+        self.height, self.width = height, width
+        self.source_frames = source_frames
+        self.options = options
+        self.stats = stats
+        if len(source_frames) < num_frames:
+            raise ValueError(f"source_frames has {len(source_frames)} entries for {num_frames} frames")
+        # objects in order of first appearance (sam2's obj_idx order), each with its prompts by frame
+        self.object_ids: list[int] = []
+        self.prompts: dict[int, dict[int, Prompt]] = {}
+        for p in prompts:
+            if not 0 <= p.frame < num_frames:
+                raise ValueError(f"the prompt of object {p.object_id} is on frame {p.frame}, outside the "
+                                 f"item's frames 0..{num_frames - 1}")
+            per_frame = self.prompts.setdefault(p.object_id, {})
+            if not per_frame:
+                self.object_ids.append(p.object_id)
+            if p.frame in per_frame:
+                raise ValueError(f"object {p.object_id} has two prompts on frame {p.frame}; give each object at "
+                                 f"most one mask per frame")
+            per_frame[p.frame] = p
+        self.start = min(p.frame for p in prompts)
+
+    def _state(self, feed: _FrameFeed) -> dict:
+        """sam2's inference state, reduced to the keys its per-frame methods read."""
+        return {
+            "images": feed,
+            "num_frames": self.num_frames,
+            "device": self.device,
+            "storage_device": self.device,
+            "video_height": self.height,
+            "video_width": self.width,
+            "cached_features": {},
+            "constants": {},
+        }
+
+    def _contexts(self) -> contextlib.ExitStack:
+        """inference_mode and autocast, entered around each frame's compute only (never across a yield, so
+        the caller's code between frames runs with its own settings)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if self.stats.autocast != "off":
+            dtype = torch.bfloat16 if self.stats.autocast == "bf16" else torch.float16
+            stack.enter_context(torch.autocast(device_type=self.device.type, dtype=dtype))
+        return stack
+
+    def _object_batch(self) -> int:
+        n = self.options.object_batch or default_object_batch(
+            self.device, free_memory_bytes(self.device), self.model.image_size)
+        return max(1, min(n, len(self.object_ids)))
+
+    def _conditioning_outputs(self, state: dict) -> dict[int, dict[int, dict]]:
+        """Each object's output on each of its prompt frames as add_new_mask + propagate_in_video_preflight
+        compute it (the mask as output, then the memory encoder on the upsampled low-res mask), without
+        add_new_mask's consolidation of every object at video resolution, which tracking never reads."""
+        pred = self.predictor
+        size = self.model.image_size
+        outputs: dict[int, dict[int, dict]] = {obj: {} for obj in self.object_ids}
+        for frame in sorted({f for per in self.prompts.values() for f in per}):
+            for obj in self.object_ids:
+                prompt = self.prompts[obj].get(frame)
+                if prompt is None:
+                    continue
+                mask_inputs = _mask_to_model_input(prompt.mask, size, self.device)
+                one_object = {"cond_frame_outputs": outputs[obj], "non_cond_frame_outputs": {}}
+                out, _ = pred._run_single_frame_inference(
+                    inference_state=state, output_dict=one_object, frame_idx=frame, batch_size=1,
+                    is_init_cond_frame=True, point_inputs=None, mask_inputs=mask_inputs, reverse=False,
+                    run_mem_encoder=False)
+                high_res_masks = F.interpolate(out["pred_masks"].to(self.device), size=(size, size),
+                                               mode="bilinear", align_corners=False)
+                out["maskmem_features"], out["maskmem_pos_enc"] = pred._run_memory_encoder(
+                    inference_state=state, frame_idx=frame, batch_size=1, high_res_masks=high_res_masks,
+                    object_score_logits=out["object_score_logits"], is_mask_from_pts=True)
+                outputs[obj][frame] = out
+        return outputs
+
+    def _batches(self, cond: dict[int, dict[int, dict]], state: dict) -> tuple[list[_Batch], torch.Tensor | None]:
+        """Objects with the same prompt frames, `object_batch` at a time, their conditioning outputs stacked;
+        plus the permutation back to object order (None when the batches are in object order already)."""
+        size = self._object_batch()
+        self.stats.object_batch = size
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for position, obj in enumerate(self.object_ids):
+            groups.setdefault(tuple(sorted(self.prompts[obj])), []).append(position)
+        batches = []
+        for prompt_frames, members in groups.items():
+            for i in range(0, len(members), size):
+                batch = _Batch(members[i:i + size])
+                for f in prompt_frames:
+                    per_object = [cond[self.object_ids[m]].pop(f) for m in batch.objects]
+                    batch.output_dict["cond_frame_outputs"][f] = _stack_outputs(per_object, state["constants"])
+                batches.append(batch)
+        order = [m for b in batches for m in b.objects]
+        if order == sorted(order):
+            return batches, None
+        return batches, torch.as_tensor(np.argsort(order), device=self.device)
+
+    def frames(self, feed: _FrameFeed) -> Iterator[FrameMasks]:
+        """Conditioning outputs first, then every frame from the first prompt frame to the end."""
+        self.stats.objects = len(self.object_ids)
+        self.stats.memory_window = memory_window(self.predictor, self.num_frames)
+        state = self._state(feed)
+        with self._contexts():
+            batches, order = self._batches(self._conditioning_outputs(state), state)
+        self.stats.batches = len(batches)
+        for t in range(self.start, self.num_frames):
+            with self._contexts():
+                fm = self._frame(t, state, feed, batches, order)
+            yield fm
+
+    def _frame(self, t: int, state: dict, feed: _FrameFeed, batches: list[_Batch],
+               order: torch.Tensor | None) -> FrameMasks:
+        pred = self.predictor
+        oldest = oldest_readable_frame(pred, t + 1, self.num_frames)
+        pred_masks, scores = [], []
+        for batch in batches:
+            od = batch.output_dict
+            current = od["cond_frame_outputs"].get(t)
+            if current is not None:
+                masks = current["pred_masks"].to(self.device, non_blocking=True)
+            else:
+                current, masks = pred._run_single_frame_inference(
+                    inference_state=state, output_dict=od, frame_idx=t, batch_size=len(batch.objects),
+                    is_init_cond_frame=False, point_inputs=None, mask_inputs=None, reverse=False,
+                    run_mem_encoder=True)
+                od["non_cond_frame_outputs"][t] = current
+            non_cond = od["non_cond_frame_outputs"]
+            for old in [f for f in non_cond if f < oldest]:
+                del non_cond[old]
+            self.stats.max_non_cond_retained = max(self.stats.max_non_cond_retained, len(non_cond))
+            pred_masks.append(masks)
+            scores.append(current["object_score_logits"])
+        all_masks = torch.cat(pred_masks) if len(pred_masks) > 1 else pred_masks[0]
+        all_scores = torch.cat(scores) if len(scores) > 1 else scores[0]
+        if order is not None:
+            all_masks, all_scores = all_masks[order], all_scores[order]
+        # one upsampling of every object's mask to video resolution, as propagate_in_video does it
+        _, video_res_masks = pred._get_orig_video_res_output(state, all_masks)
+        binary = (video_res_masks[:, 0] > self.options.mask_threshold).cpu().numpy()
+        feed.release_before(t + 1)
+        return FrameMasks(frame=t, source_frame=self.source_frames[t],
+                          object_ids=tuple(int(o) for o in self.object_ids), masks=binary,
+                          object_scores=all_scores.flatten().float().cpu().numpy())
+
+
+def _set_tf32(value: tuple[bool, bool]) -> None:
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = value
+
+
+class Tracking(Iterator[FrameMasks]):
+    """The iterator `track` returns: FrameMasks in frame order, with live `stats`.
+
+    The model runs in the caller's thread, one frame per `next()`. Decoding runs ahead in a thread started
+    by the first `next()` and joined after the last frame, on an error, or by `close()` (also called when
+    the iterator is dropped); after that the caller's frame iterator is free again."""
+
+    def __init__(self, engine: _Engine | None, frames: Iterable[np.ndarray], stats: TrackStats,
+                 options: TrackOptions):
+        self.stats = stats
+        self._restore: list = []  # (setter, old value) of global flags to put back when done
+        self._gen = self._generate(engine, frames, options) if engine is not None else iter(())
+
+    def __iter__(self) -> "Tracking":
+        return self
+
+    def __next__(self) -> FrameMasks:
+        return next(self._gen)
+
+    def close(self) -> None:
+        """Stop decoding ahead and restore global flags; later `next()` calls raise StopIteration."""
+        close = getattr(self._gen, "close", None)
+        if close is not None:
+            close()
+        self._restore_flags()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def _restore_flags(self) -> None:
+        while self._restore:
+            setter, value = self._restore.pop()
+            setter(value)
+
+    def _generate(self, engine: _Engine, frames: Iterable[np.ndarray], options: TrackOptions):
+        device = engine.device
+        if options.tf32 and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+            self._restore.append((_set_tf32, (torch.backends.cuda.matmul.allow_tf32,
+                                              torch.backends.cudnn.allow_tf32)))
+            _set_tf32((True, True))
+            self.stats.tf32 = True
+        stop = threading.Event()
+        frames_q: queue.Queue = queue.Queue(maxsize=options.prefetch)
+        prefetch = threading.Thread(
+            target=_prefetch, name="masklet-prefetch", daemon=True,
+            args=(frames, engine.start, engine.num_frames, engine.model.image_size, device.type == "cuda",
+                  frames_q, stop, self.stats, _AliveCounter(self.stats)))
+        prefetch.start()
+        try:
+            for fm in engine.frames(_FrameFeed(frames_q, engine.num_frames, device)):
+                self.stats.frames += 1
+                yield fm
+        finally:
+            stop.set()
+            prefetch.join()
+            self._restore_flags()
+
+
+def track(
+    model: LoadedModel,
+    frames: Iterable[np.ndarray],
+    num_frames: int,
+    height: int,
+    width: int,
+    prompts: list[Prompt],
+    source_frames: list[int],
+    options: TrackOptions = TrackOptions(),
+) -> Tracking:
+    """Track every prompt's mask from its frame to the end; yields one FrameMasks per frame, in order.
+
+    `frames` yields RGB uint8 (H, W, 3) arrays of the item's decoded frames, starting at frame 0. It is read
+    from a helper thread, at most `options.prefetch` frames ahead of the model and never past frame
+    `num_frames - 1`; if it ends early, MediaEnded is raised after every earlier frame was yielded.
+    `object_scores` are SAM 2's object-presence logits. Bad prompts raise ValueError here, before any work."""
+    stats = TrackStats(autocast=resolve_autocast(options.autocast, torch.device(model.predictor.device)))
+    if not prompts:
+        return Tracking(None, frames, stats, options)
+    engine = _Engine(model, num_frames, height, width, prompts, source_frames, options, stats)
+    if options.compile:
+        compile_model_parts(engine.predictor)
+        stats.compiled = True
+    return Tracking(engine, frames, stats, options)
+
+
+_DONE = object()
+
+
+def write_behind(stream: Iterable[FrameMasks], write: Callable[[FrameMasks], None], depth: int = 2) -> int:
+    """Iterate `stream` here (the model runs in this thread) and call `write` on each FrameMasks in a writer
+    thread, at most `depth` frames behind, so frame t is written while frame t+1 is computed. Returns the
+    number of frames written.
+
+    A write error stops the stream and is raised here; an error from the stream (e.g. MediaEnded) is raised
+    after every earlier frame has been written. `write` should do no torch arithmetic (see the module's
+    docstring): numpy, Zarr and Parquet are fine."""
+    if depth < 1:
+        raise ValueError(f"depth={depth} must be >= 1")
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    failed: list[BaseException] = []
+    written = 0
+
+    def writer() -> None:
+        nonlocal written
+        while True:
+            fm = q.get()
+            if fm is _DONE:
+                return
+            if failed:
+                continue  # drain, so the producer never blocks on a full queue
+            try:
+                write(fm)
+                written += 1
+            except BaseException as e:  # noqa: BLE001 - raised in the caller's thread below
+                failed.append(e)
+
+    thread = threading.Thread(target=writer, name="masklet-writer", daemon=True)
+    thread.start()
+    try:
+        for fm in stream:
+            if failed:
+                break
+            q.put(fm)
+    except BaseException as stream_error:
+        q.put(_DONE)
+        thread.join()
+        if failed:
+            raise failed[0] from stream_error
+        raise
+    q.put(_DONE)
+    thread.join()
+    close = getattr(stream, "close", None)
+    if failed:
+        if close is not None:
+            close()
+        raise failed[0]
+    return written

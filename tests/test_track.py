@@ -1,0 +1,310 @@
+"""The tracking engine (pipeline/stages/track.py) against plain sam2, and the bounds it promises.
+
+The reference is sam2's own flow on a JPEG folder: SAM2VideoPredictor.init_state, add_new_mask per object,
+propagate_in_video, with a predictor built by sam2's builder from the same random-weight checkpoint, the same
+thread count (pinned in conftest) and the same prompts. The clip (48 frames) is longer than the model's memory
+window (15 frames for SAM 2.1: 16 object pointers), so the engine's pruning is exercised: had it dropped one
+frame the model could still read, the masks would differ (test_pruning_one_frame_more_changes_masks shows the
+comparison notices).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pipeline.stages.track as track_mod
+from pipeline.config import ModelConfig
+from pipeline.records import FrameMasks, Prompt
+from pipeline.samples import make_frame_folder
+from pipeline.stages.models import MODEL_SPECS, load_model
+from pipeline.stages.propagate import MediaEnded, preprocess_frame
+from pipeline.stages.track import (
+    TrackOptions, default_object_batch, memory_window, preprocess_frame_numpy, track, write_behind,
+)
+from tests.conftest import IMAGE_SIZE, THREADS
+
+FRAMES = 48
+OBJECTS = 8
+WIDTH, HEIGHT = 160, 120
+PREFETCH = 2
+
+
+def _shape_masks(n: int) -> list[np.ndarray]:
+    """n prompt masks on a 2 x ceil(n/2) grid: rectangles and circles of different sizes."""
+    masks = []
+    cols = (n + 1) // 2
+    cw, ch = WIDTH / cols, HEIGHT / 2
+    y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
+    for i in range(n):
+        r, c = divmod(i, cols)
+        cx, cy = (c + 0.5) * cw, (r + 0.5) * ch
+        size = 0.25 + 0.05 * (i % 3)
+        if i % 2:
+            mask = (x - cx) ** 2 + (y - cy) ** 2 <= (size * min(cw, ch)) ** 2
+        else:
+            mask = (abs(x - cx) <= size * cw) & (abs(y - cy) <= size * ch)
+        masks.append(mask)
+    return masks
+
+
+def _prompts(frames_of_objects: list[int]) -> list[Prompt]:
+    masks = _shape_masks(len(frames_of_objects))
+    return [
+        Prompt(object_id=10 + i, frame=f, mask=m, point=(0.0, 0.0), predicted_iou=1.0, stability_score=1.0,
+               area=int(m.sum()), bbox=(0, 0, 1, 1), source="test-grid")
+        for i, (f, m) in enumerate(zip(frames_of_objects, masks))
+    ]
+
+
+class _CountingFrames:
+    """The clip's frames read with PIL (as sam2's loader reads them), counting how many were pulled."""
+
+    def __init__(self, folder: str, limit: int | None = None):
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".jpg"))
+        self.paths = [os.path.join(folder, n) for n in names][:limit]
+        self.pulled = 0
+        self.threads: set[str] = set()
+
+    def __iter__(self):
+        for p in self.paths:
+            self.threads.add(threading.current_thread().name)
+            self.pulled += 1
+            yield np.array(Image.open(p).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> str:
+    return make_frame_folder(tmp_path_factory.mktemp("track") / "clip", frames=FRAMES, width=WIDTH, height=HEIGHT,
+                             ext="jpg", seed=5)
+
+
+@pytest.fixture(scope="module")
+def model(random_checkpoint):
+    return load_model(ModelConfig(checkpoint=random_checkpoint, image_size=IMAGE_SIZE, device="cpu",
+                                  threads=THREADS))
+
+
+def _plain_sam2(folder: str, checkpoint: str, prompts: list[Prompt]) -> tuple[np.ndarray, np.ndarray]:
+    """Masks (T, O, H, W) and object-score logits (T, O) from sam2's own predictor."""
+    from sam2.build_sam import build_sam2_video_predictor
+
+    torch.set_num_threads(THREADS)
+    predictor = build_sam2_video_predictor(MODEL_SPECS["sam2.1_hiera_tiny"].config_file, checkpoint, device="cpu",
+                                           hydra_overrides_extra=[f"++model.image_size={IMAGE_SIZE}"])
+    predictor.fill_hole_area = 0  # needs sam2's CUDA extension; our model builder turns it off on CPU too
+    state = predictor.init_state(video_path=folder)
+    for p in prompts:
+        predictor.add_new_mask(state, frame_idx=p.frame, obj_id=p.object_id, mask=p.mask)
+    masks, scores = {}, {}
+    with torch.inference_mode():
+        for t, obj_ids, video_res_masks in predictor.propagate_in_video(state):
+            assert list(obj_ids) == [p.object_id for p in prompts]
+            masks[t] = (video_res_masks[:, 0] > 0.0).numpy()
+            per_obj = []
+            for obj_idx in range(len(obj_ids)):
+                outputs = state["output_dict_per_obj"][obj_idx]
+                out = outputs["cond_frame_outputs"].get(t) or outputs["non_cond_frame_outputs"][t]
+                per_obj.append(float(out["object_score_logits"].flatten()[0]))
+            scores[t] = per_obj
+    frames = sorted(masks)
+    return np.stack([masks[t] for t in frames]), np.asarray([scores[t] for t in frames], dtype=np.float32)
+
+
+def _run(model, folder: str, prompts: list[Prompt], options: TrackOptions, num_frames: int = FRAMES):
+    frames = _CountingFrames(folder)
+    stream = track(model, frames, num_frames, HEIGHT, WIDTH, prompts, list(range(num_frames)), options)
+    got: list[FrameMasks] = []
+    ahead = 0
+    for fm in stream:
+        ahead = max(ahead, frames.pulled - (len(got) + 1))
+        got.append(fm)
+    return got, stream.stats, frames, ahead
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+@pytest.fixture(scope="module")
+def eight_objects() -> list[Prompt]:
+    return _prompts([0] * OBJECTS)
+
+
+@pytest.fixture(scope="module")
+def plain(clip, random_checkpoint, eight_objects):
+    return _plain_sam2(clip, random_checkpoint, eight_objects)
+
+
+@pytest.fixture(scope="module")
+def unbatched(model, clip, eight_objects):
+    return _run(model, clip, eight_objects, TrackOptions(object_batch=1, prefetch=PREFETCH))
+
+
+def test_unbatched_masks_are_identical_to_plain_sam2(plain, unbatched, eight_objects):
+    plain_masks, plain_scores = plain
+    got, stats, _, _ = unbatched
+    assert plain_masks.shape == (FRAMES, OBJECTS, HEIGHT, WIDTH)
+    assert 0.0 < plain_masks.mean() < 1.0, "the reference masks are all empty or all full: the test means nothing"
+    assert [fm.frame for fm in got] == list(range(FRAMES))
+    assert [fm.source_frame for fm in got] == list(range(FRAMES))
+    for fm in got:
+        assert fm.object_ids == tuple(p.object_id for p in eight_objects)
+        assert fm.masks.dtype == bool and fm.object_scores.dtype == np.float32
+        np.testing.assert_array_equal(fm.masks, plain_masks[fm.frame], err_msg=f"frame {fm.frame} differs")
+        np.testing.assert_array_equal(fm.object_scores, plain_scores[fm.frame], err_msg=f"scores, frame {fm.frame}")
+    assert stats.frames == FRAMES and stats.objects == OBJECTS and stats.object_batch == 1
+
+
+def test_pruning_one_frame_more_changes_masks(model, clip, eight_objects, plain, monkeypatch):
+    """The comparison above would catch a pruning rule that drops a frame the model can still read."""
+    exact = track_mod.oldest_readable_frame
+    monkeypatch.setattr(track_mod, "oldest_readable_frame", lambda m, f, n: exact(m, f, n) + 1)
+    got, _, _, _ = _run(model, clip, eight_objects, TrackOptions(object_batch=1))
+    assert any(not np.array_equal(fm.masks, plain[0][fm.frame]) for fm in got)
+
+
+def test_batched_masks_match_plain_sam2(model, clip, eight_objects, plain):
+    plain_masks, plain_scores = plain
+    got, stats, _, _ = _run(model, clip, eight_objects, TrackOptions(object_batch=3))  # batches of 3, 3, 2
+    assert stats.object_batch == 3 and stats.batches == 3
+    assert [fm.frame for fm in got] == list(range(FRAMES))
+    worst = min(_iou(fm.masks[o], plain_masks[fm.frame, o]) for fm in got for o in range(OBJECTS))
+    assert worst >= 0.99, f"lowest per-object per-frame IoU against plain sam2: {worst:.4f}"
+    scores = np.stack([fm.object_scores for fm in got])
+    np.testing.assert_allclose(scores, plain_scores, rtol=1e-3, atol=1e-3)
+
+
+def test_state_and_frames_stay_bounded(model, unbatched):
+    _, stats, frames, ahead = unbatched
+    window = max(model.predictor.num_maskmem - 1, model.predictor.max_obj_ptrs_in_encoder - 1)
+    assert stats.memory_window == window == memory_window(model.predictor, FRAMES)
+    assert window < FRAMES - 8, "the clip must be well past the window for the bound to mean anything"
+    # Non-conditioning outputs: never more than the window, and the window is reached (pruning is not eager).
+    assert stats.max_non_cond_retained == window
+    # Frames: decoded a few ahead, never the whole clip; every frame pulled exactly once, in the helper thread.
+    assert frames.pulled == stats.frames_pulled == FRAMES
+    assert ahead <= PREFETCH + 2 and stats.max_frames_ahead <= PREFETCH + 2
+    assert 1 <= stats.max_frames_alive <= PREFETCH + 3
+    assert frames.threads == {"masklet-prefetch"}
+
+
+def test_objects_prompted_on_different_frames_match_plain_sam2(model, clip, random_checkpoint):
+    """Objects are grouped by prompt frames (batches out of object order) and put back in object order;
+    before its prompt frame an object is tracked as sam2 tracks it (from the memory of its later prompt)."""
+    n = 6
+    prompts = _prompts([0, 2, 0, 2, 0, 2])
+    folder = str(Path(clip).parent / "short")
+    os.makedirs(folder, exist_ok=True)
+    for name in sorted(os.listdir(clip))[:n]:
+        target = os.path.join(folder, name)
+        if not os.path.exists(target):
+            os.symlink(os.path.join(clip, name), target)
+    plain_masks, plain_scores = _plain_sam2(folder, random_checkpoint, prompts)
+    got, _, _, _ = _run(model, folder, prompts, TrackOptions(object_batch=1), num_frames=n)
+    assert [fm.object_ids for fm in got] == [tuple(p.object_id for p in prompts)] * n
+    for fm in got:
+        np.testing.assert_array_equal(fm.masks, plain_masks[fm.frame], err_msg=f"frame {fm.frame}")
+        np.testing.assert_array_equal(fm.object_scores, plain_scores[fm.frame])
+    batched, stats, _, _ = _run(model, folder, prompts, TrackOptions(object_batch=3), num_frames=n)
+    assert stats.batches == 2
+    assert min(_iou(fm.masks[o], plain_masks[fm.frame, o]) for fm in batched for o in range(len(prompts))) >= 0.99
+
+
+def test_short_media_yields_every_frame_then_raises_media_ended(model, clip):
+    prompts = _prompts([0])
+    frames = _CountingFrames(clip, limit=5)
+    stream = track(model, frames, 9, HEIGHT, WIDTH, prompts, list(range(9)), TrackOptions())
+    got = []
+    with pytest.raises(MediaEnded, match="ended at frame 5"):
+        for fm in stream:
+            got.append(fm.frame)
+    assert got == [0, 1, 2, 3, 4]
+
+
+def test_no_prompts_reads_no_frame(model):
+    def frames():
+        raise AssertionError("no frame should be read when there is nothing to track")
+        yield  # pragma: no cover
+
+    assert list(track(model, frames(), 10, HEIGHT, WIDTH, [], list(range(10)))) == []
+
+
+def test_bad_prompts_are_refused_before_any_work(model):
+    p = _prompts([0])[0]
+    with pytest.raises(ValueError, match="two prompts on frame 0"):
+        track(model, iter(()), 4, HEIGHT, WIDTH, [p, p], list(range(4)))
+    with pytest.raises(ValueError, match="outside the item's frames"):
+        track(model, iter(()), 4, HEIGHT, WIDTH, [Prompt(**{**p.__dict__, "frame": 4})], list(range(4)))
+    with pytest.raises(ValueError, match="object_batch"):
+        TrackOptions(object_batch=0)
+
+
+def test_numpy_preprocessing_is_bit_identical_to_propagates():
+    rng = np.random.default_rng(0)
+    for h, w, size in [(120, 160, 256), (481, 641, 512), (37, 53, 64)]:
+        rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        a, b = preprocess_frame(rgb, size), preprocess_frame_numpy(rgb, size)
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b)
+
+
+def test_default_object_batch_rule():
+    gib = 1 << 30
+    # CPU: one object at a time, whatever the memory (batching measured to buy nothing there).
+    for free in (0, 8 * gib, 512 * gib):
+        assert default_object_batch("cpu", free, 1024) == 1
+        assert default_object_batch(torch.device("cpu"), free, 256) == 1
+    # CUDA: objects fitting in half the free memory at 160 bytes per model-input pixel, 1..64.
+    assert default_object_batch("cuda", 1 * gib, 1024) == 3  # 0.5 GiB / 160 MiB
+    assert default_object_batch("cuda:1", 8 * gib, 1024) == 25  # 4 GiB / 160 MiB
+    assert default_object_batch("cuda", 20 * gib, 1024) == 64
+    assert default_object_batch("cuda", 80 * gib, 1024) == 64  # capped
+    assert default_object_batch("cuda", 8 * gib, 512) == 64  # 4 GiB / 40 MiB = 102, capped
+    assert default_object_batch("cuda", 1 * gib, 512) == 12  # 0.5 GiB / 40 MiB
+    assert default_object_batch("cuda", 0, 1024) == 1  # never zero
+    # More memory never gives fewer objects; a bigger image never gives more.
+    sizes = [default_object_batch("cuda", k * gib, 1024) for k in range(0, 64, 4)]
+    assert sizes == sorted(sizes)
+    assert default_object_batch("cuda", 4 * gib, 1024) <= default_object_batch("cuda", 4 * gib, 512)
+
+
+def test_write_behind_writes_in_order_in_another_thread():
+    written, threads = [], set()
+
+    def stream():
+        for t in range(6):
+            yield FrameMasks(t, t, (0,), np.zeros((1, 2, 2), bool), np.zeros(1, np.float32))
+
+    def write(fm):
+        threads.add(threading.current_thread().name)
+        written.append(fm.frame)
+
+    assert write_behind(stream(), write) == 6
+    assert written == list(range(6)) and threads == {"masklet-writer"}
+
+
+def test_write_behind_raises_write_errors_and_stream_errors_after_earlier_writes():
+    def stream(fail_at=None):
+        for t in range(6):
+            if t == fail_at:
+                raise MediaEnded(f"the media ended at frame {t}, expected 6 frames")
+            yield FrameMasks(t, t, (0,), np.zeros((1, 2, 2), bool), np.zeros(1, np.float32))
+
+    written = []
+    with pytest.raises(MediaEnded):
+        write_behind(stream(fail_at=4), lambda fm: written.append(fm.frame))
+    assert written == [0, 1, 2, 3]
+
+    def bad_write(fm):
+        if fm.frame == 2:
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_behind(stream(), bad_write)
