@@ -40,6 +40,9 @@ class DecodeConfig:
     stride: int = 1  # keep every k-th frame (SA-V annotates 24 fps video at 6 fps: stride 4)
     target_fps: float | None = None  # if set, stride = round(fps / target_fps) per video (overrides stride)
     max_frames: int | None = None  # cap on decoded frames per item
+    # Frames whose longer side exceeds this are downscaled (area interpolation) to it before anything else;
+    # masks are then stored at the downscaled size and items.parquet records the scale.
+    max_side: int = 4096
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,27 @@ class LocalExecutorConfig:
 
 
 @dataclass(frozen=True)
+class SlurmConfig:
+    """Scheduler settings for `executor: slurm`; cluster profiles under configs/clusters/ fill these."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    gres: str | None = "gpu:1"  # whole GPU (gpu:a100:1) or MIG slice (gpu:1g.10gb:1): site-specific names
+    gpu_memory_gb: float | None = None  # memory of the GPU/slice the gres gives (sizes the work; null: ask the device)
+    time_min: int = 240
+    cpus_per_task: int = 8
+    mem_gb: float = 32.0
+    array_parallelism: int = 64  # array tasks running at once
+    shards_per_task: int = 1  # shards run by one array task, in order
+    signal_delay_s: int = 120  # SLURM sends USR2 this long before the time limit: checkpoint and requeue
+    max_requeues: int = 20  # preemptions/timeouts survived per task (submitit's max_num_timeout)
+    setup: tuple[str, ...] = ()  # shell lines run before the job (module load ..., source env)
+    job_name: str = "masklet"
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
@@ -101,6 +125,7 @@ class RunConfig:
     plan: PlanConfig = field(default_factory=PlanConfig)
     executor: str = "local"
     local: LocalExecutorConfig = field(default_factory=LocalExecutorConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
     retries: int = 1  # extra attempts for a failed item before it is recorded as failed
 
     def validate(self) -> "RunConfig":
@@ -148,6 +173,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in typing.get_args(tp):
             raise ConfigError(f"{key}={value!r}: use one of {typing.get_args(tp)}")
         return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        (inner, _ellipsis) = typing.get_args(tp)
+        return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {sorted(_field_types(tp))}, got {value!r}")
@@ -210,19 +240,40 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults <- YAML file <- overrides. Raises ConfigError naming the bad key and the valid ones."""
-    data: dict = {}
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "configs" / "clusters"
+
+
+def _read_yaml(path: str | Path) -> dict:
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file {path} does not exist; see configs/ for examples") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
+    return loaded or {}
+
+
+def profile_path(profile: str) -> Path:
+    """A cluster profile by name (configs/clusters/NAME.yaml) or by path."""
+    p = Path(profile)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return p
+    path = PROFILES_DIR / f"{profile}.yaml"
+    if not path.exists():
+        known = sorted(q.stem for q in PROFILES_DIR.glob("*.yaml"))
+        raise ConfigError(f"cluster profile {profile!r} not found; known profiles: {known} (or give a YAML path)")
+    return path
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                profile: str | None = None) -> RunConfig:
+    """Defaults <- cluster profile <- YAML file <- overrides. Raises ConfigError naming the bad key and the
+    valid ones."""
+    data: dict = _read_yaml(profile_path(profile)) if profile else {}
     if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError as e:
-            raise ConfigError(f"config file {path} does not exist; see configs/ for examples") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
-        data = loaded or {}
+        data = _merge(data, _read_yaml(path))
     data = _merge(data, parse_overrides(overrides or []))
     try:
         return _build(RunConfig, data).validate()

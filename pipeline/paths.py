@@ -8,6 +8,8 @@
       meta/shard-00007/<item_id>/   one committed item: items.parquet, masklets.parquet, frames.parquet
       logs/shard-00007.log          one log per shard
       tmp/                          staging area; anything here is uncommitted and may be deleted
+      slurm/jobs.jsonl              one line per SLURM submission: job id, array tasks and their shard ids
+      slurm/<job>_<task>/           submitit's folder of one array task (pickles, stdout/stderr logs)
 """
 from __future__ import annotations
 
@@ -65,12 +67,6 @@ class RunPaths:
     def item_commit(self, shard_id: int, item_id: str) -> Path:
         return self.shard_meta(shard_id) / check_component(item_id)
 
-    def committed_dirs(self) -> list[Path]:
-        """Every committed item folder of the run (staging folders live under tmp/, never here)."""
-        if not self.meta.exists():
-            return []
-        return sorted(p for p in self.meta.glob("shard-*/*") if p.is_dir())
-
     @property
     def logs(self) -> Path:
         return self.root / "logs"
@@ -81,6 +77,20 @@ class RunPaths:
     @property
     def tmp(self) -> Path:
         return self.root / "tmp"
+
+    @property
+    def slurm(self) -> Path:
+        return self.root / "slurm"
+
+    @property
+    def slurm_jobs(self) -> Path:
+        """The record of SLURM submissions (JSON lines, appended atomically by the SLURM executor)."""
+        return self.slurm / "jobs.jsonl"
+
+    @property
+    def submitit_folder(self) -> Path:
+        """submitit's folder pattern: it puts %j (the job id; `<array>_<task>` for array tasks) in itself."""
+        return self.slurm / "%j"
 
     def ensure(self) -> "RunPaths":
         for d in (self.root, self.masks, self.meta, self.logs, self.tmp):

@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow.parquet as pq
+from pipeline.store.commit import read_shard_table
+from pipeline.store.metadata import ITEMS_SCHEMA
 
 from pipeline.plan import RunPlan, load_run
 
@@ -30,14 +31,10 @@ class ShardStatus:
 def shard_status(plan: RunPlan, shard_id: int) -> ShardStatus:
     shard = plan.shard(shard_id)
     st = ShardStatus(shard_id, len(shard.item_ids))
-    d = plan.paths.shard_meta(shard_id)
-    if not d.exists():
-        return st
-    for commit in d.iterdir():
-        f = commit / "items.parquet"
-        if not commit.is_dir() or not f.exists():
-            continue
-        row = pq.read_table(f, columns=["item_id", "status", "error", "num_frames"]).to_pylist()[0]
+    # Resolved through the store (compacted folders and item folders alike), never by listing folders here.
+    rows = read_shard_table(plan.paths, shard_id, "items", ITEMS_SCHEMA).select(
+        ["item_id", "status", "error", "num_frames"]).to_pylist()
+    for row in rows:
         if row["status"] == "done":
             st.done += 1
             st.frames_done += row["num_frames"] or 0

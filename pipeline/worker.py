@@ -25,7 +25,7 @@ from pipeline.stages.models import LoadedModel, load_model
 from pipeline.stages.prompt import make_generator, prompt_keyframe
 from pipeline.stages.propagate import MediaEnded, propagate
 from pipeline.store import metadata
-from pipeline.store.commit import commit_item, committed_items
+from pipeline.store.commit import commit_item, compact_shard, committed_items
 from pipeline.store.masks import MaskWriter
 
 log = logging.getLogger("masklet.worker")
@@ -196,8 +196,10 @@ def _setup_shard_log(plan: RunPlan, shard_id: int) -> logging.Handler:
     return handler
 
 
-def run_shard(run_dir: str, shard_id: int, on_item: Callable[[ItemResult], None] | None = None) -> ShardSummary:
-    """Process every uncommitted item of one shard. Safe to call again after any interruption."""
+def run_shard(run_dir: str, shard_id: int, redo_failed: bool = False,
+              on_item: Callable[[ItemResult], None] | None = None) -> ShardSummary:
+    """Process every uncommitted item of one shard (and, with redo_failed, those committed as failed), then
+    compact the shard's metadata. Safe to call again after any interruption."""
     t0 = time.perf_counter()
     plan = load_run(run_dir)
     shard = plan.shard(shard_id)
@@ -207,7 +209,7 @@ def run_shard(run_dir: str, shard_id: int, on_item: Callable[[ItemResult], None]
         done = committed_items(plan.paths, shard_id)
         models = Models(plan.config)
         for item_id in shard.item_ids:
-            if item_id in done:
+            if done.get(item_id) == "done" or (item_id in done and not redo_failed):
                 summary.skipped += 1
                 continue
             item = plan.items[item_id]
@@ -223,6 +225,7 @@ def run_shard(run_dir: str, shard_id: int, on_item: Callable[[ItemResult], None]
                 summary.errors[item_id] = result.error or ""
             if on_item:
                 on_item(result)
+        compact_shard(plan.paths, shard_id)
     finally:
         logging.getLogger("masklet").removeHandler(handler)
         handler.close()
