@@ -1,0 +1,72 @@
+"""kill -9 the local worker at random instants (seeded), resume, and compare with an uninterrupted run.
+
+Every trial must end with outputs equal to the uninterrupted run's: same masks, same rows, no duplicates.
+The kill instants are spread over the whole run (model loading, decoding, propagation, mask writes,
+commits, compaction)."""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.samples import make_frame_folder, make_image, make_video
+from tests.runcompare import assert_same_outputs
+
+TRIALS = int(os.environ.get("MASKLET_CRASH_TRIALS", "20"))
+
+
+def _run_cmd(manifest, out, demo_config, overrides):
+    return [sys.executable, "-m", "pipeline.cli", "run", "--manifest", str(manifest), "--out", str(out),
+            "--config", demo_config, *overrides]
+
+
+@pytest.mark.timeout(1800)
+def test_kill_minus_nine_at_random_instants_then_resume(tmp_path, demo_config, fast_overrides):
+    media = tmp_path / "media"
+    make_video(media / "v.mp4", frames=8, width=128, height=96, seed=11)
+    make_frame_folder(media / "f", frames=5, width=112, height=80, ext="jpg", seed=12)
+    make_image(media / "i.png", width=120, height=90, seed=13)
+    manifest = tmp_path / "m.parquet"
+    assert main(["manifest", "build", str(media), "-o", str(manifest)]) == 0
+    overrides = [*fast_overrides, "plan.max_items_per_shard=2", "prompt.max_objects=4"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    reference = tmp_path / "reference"
+    t0 = time.monotonic()
+    subprocess.run(_run_cmd(manifest, reference, demo_config, overrides), check=True, env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    duration = time.monotonic() - t0
+
+    rng = random.Random(20261122)
+    survived, killed_mid_run = 0, 0
+    for trial in range(TRIALS):
+        out = tmp_path / f"trial{trial:02d}"
+        delay = rng.uniform(0.2, duration)
+        proc = subprocess.Popen(_run_cmd(manifest, out, demo_config, overrides), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            killed_mid_run += 1
+        proc.wait()
+        if not (out / "run.json").exists():
+            # Killed before the plan was frozen: nothing was written that a resume could reuse.
+            assert not (out / "meta").exists() or not any((out / "meta").iterdir())
+        resumed = subprocess.run(_run_cmd(manifest, out, demo_config, overrides), env=env,
+                                 capture_output=True, text=True)
+        assert resumed.returncode == 0, f"trial {trial} (kill at {delay:.2f}s): resume failed\n{resumed.stderr[-3000:]}"
+        assert_same_outputs(reference, out)
+        survived += 1
+        shutil.rmtree(out)
+    print(f"\ncrash trials: {survived}/{TRIALS} survived (killed mid-run: {killed_mid_run}), "
+          f"uninterrupted run {duration:.1f}s, items lost: 0")
+    assert survived == TRIALS
+    assert killed_mid_run >= TRIALS // 2, "most kills must land while the run is working"
