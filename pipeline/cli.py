@@ -1,13 +1,14 @@
-"""The `masklet` command: manifest build, run, status, sample."""
+"""The `masklet` command: manifest build, run, resume, status, cancel, sample."""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
 import threading
-from pathlib import Path
 
-from pipeline.config import ConfigError, load_config
+import yaml
+
+from pipeline.config import ConfigError, config_from_dict, config_to_dict, load_config, parse_overrides, profile_path
 
 
 def _cmd_manifest_build(args) -> int:
@@ -41,15 +42,98 @@ def _progress(plan, stop: threading.Event, interval: float = 1.0) -> None:
             return
 
 
+class _ProgressBar:
+    """The run's progress bar while a block runs (a thread reading the disk)."""
+
+    def __init__(self, plan):
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=_progress, args=(plan, self.stop), daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        return False
+
+
+def _status_text(out) -> str:
+    from pipeline.paths import RunPaths
+    from pipeline.status import format_status, run_status
+
+    plan, shards = run_status(out)
+    scheduler = None
+    if RunPaths.of(out).slurm_jobs.exists():
+        from pipeline.executors.slurm import scheduler_view
+
+        scheduler = scheduler_view(plan.paths)
+    return format_status(plan, shards, scheduler)
+
+
+def _launch(plan, cfg, shard_ids: list[int], *, redo_failed: bool, wait: bool, command: str) -> int:
+    """Run or submit `shard_ids` of a prepared run with the executor of `cfg` (the settings of this launch:
+    executor settings may differ from the run's first launch; what decides the masks may not)."""
+    root = str(plan.paths.root)
+    busy = {}
+    if plan.paths.slurm_jobs.exists():  # never start a shard twice: two workers on one item would collide
+        from pipeline.executors.slurm import active_tasks
+
+        busy = active_tasks(plan.paths)
+    skipped = sorted(s for s in shard_ids if s in busy)
+    todo = [s for s in shard_ids if s not in busy]
+    if skipped:
+        tasks = sorted({busy[s].task_id for s in skipped})
+        print(f"shards {skipped} are still queued or running as SLURM task(s) {tasks}: not started again "
+              f"(`masklet cancel {root}` stops them)")
+    if not todo:
+        print(_status_text(root))
+        return 0
+    if cfg.executor == "local":
+        from pipeline.executors.local import LocalExecutor
+        from pipeline.worker import run_shard
+
+        with _ProgressBar(plan):
+            if redo_failed:  # the local executor has no redo_failed yet: in this process, shard by shard
+                for shard_id in todo:
+                    run_shard(root, shard_id, redo_failed=True)
+            else:
+                LocalExecutor(cfg.local.workers).launch(root, todo)
+        print(_status_text(root))
+        return 0
+    from pipeline.executors.slurm import SlurmExecutor
+    from pipeline.executors.slurm import wait as wait_for_jobs
+
+    sub = SlurmExecutor(cfg.slurm).submit(root, todo, redo_failed=redo_failed, command=command)
+    print(f"submitted SLURM job {sub.job_id}: {len(sub.tasks)} task(s) for {len(todo)} shard(s) "
+          f"({cfg.slurm.shards_per_task} per task, gres {cfg.slurm.gres or 'none'}, "
+          f"partition {cfg.slurm.partition or 'default'})")
+    print(f"  follow it: masklet status {root}    (worker logs: {plan.paths.logs}/, job logs: {plan.paths.slurm}/)")
+    print(f"  stop it:   masklet cancel {root}    then `masklet resume {root}` runs what is left")
+    if not wait:
+        return 0
+    with _ProgressBar(plan):
+        wait_for_jobs(plan.paths, [sub.job_id])
+    text = _status_text(root)
+    print(text)
+    from pipeline.status import run_status
+
+    pending = sum(s.pending for s in run_status(root)[1])
+    if pending:
+        print(f"masklet: {pending} item(s) still pending after the jobs ended; see the failed tasks above, then "
+              f"`masklet resume {root}`", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_run(args) -> int:
-    from pipeline.executors.local import LocalExecutor
     from pipeline.manifest import read_manifest
     from pipeline.plan import prepare_run
-    from pipeline.status import format_status, run_status, shard_status
+    from pipeline.status import shard_status
 
-    cfg = load_config(args.config, args.overrides)
-    if args.executor:
-        cfg = load_config(args.config, [*args.overrides, f"executor={args.executor}"])
+    executor = [f"executor={args.executor}"] if args.executor else []
+    cfg = load_config(args.config, [*args.overrides, *executor], profile=args.profile)
     items = read_manifest(args.manifest)
     plan = prepare_run(args.out, items, cfg)
     if plan.config.model.random_weights:
@@ -58,24 +142,104 @@ def _cmd_run(args) -> int:
     pending = [s.shard_id for s in plan.shards if shard_status(plan, s.shard_id).pending]
     print(f"run {plan.paths.root}: {len(plan.items)} items in {len(plan.shards)} shards, "
           f"{len(pending)} shards with pending items")
-    if plan.config.executor != "local":
-        raise ConfigError(f"executor={plan.config.executor!r} is not available in this version; use local")
-    stop = threading.Event()
-    bar = threading.Thread(target=_progress, args=(plan, stop), daemon=True)
-    bar.start()
+    return _launch(plan, cfg, pending, redo_failed=False, wait=args.wait, command="run")
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _mask_changes(old, new) -> list[str]:
+    """The keys whose change alone would change the masks (the run's config fingerprint), 'key: old -> new'."""
+    from pipeline.plan import _config_fingerprint  # TODO(lead): expose as config_fingerprint
+
+    base = _config_fingerprint(old)
+    old_flat, new_flat = _flatten(config_to_dict(old)), _flatten(config_to_dict(new))
+    changes = []
+    for key in sorted(k for k in new_flat if new_flat[k] != old_flat.get(k)):
+        one = config_to_dict(old)
+        node = one
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = new_flat[key]
+        if _config_fingerprint(config_from_dict(one)) != base:
+            changes.append(f"{key}: {old_flat.get(key)!r} -> {new_flat[key]!r}")
+    return changes
+
+
+def _cmd_resume(args) -> int:
+    from pipeline.manifest import read_manifest
+    from pipeline.plan import RunMismatchError, load_run, prepare_run
+    from pipeline.status import run_status
+
+    plan = load_run(args.out)
+    # The run's own config, then this launch's profile and overrides (executor settings may change).
+    data = config_to_dict(plan.config)
+    if args.profile:
+        data = _deep_merge(data, yaml.safe_load(profile_path(args.profile).read_text()) or {})
+    data = _deep_merge(data, parse_overrides(args.overrides))
+    if args.executor:
+        data["executor"] = args.executor
     try:
-        LocalExecutor(plan.config.local.workers).launch(str(plan.paths.root), pending)
-    finally:
-        stop.set()
-        bar.join()
-    print(format_status(*run_status(args.out)))
-    return 0
+        cfg = config_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (resuming {plan.paths.root})") from None
+    changes = _mask_changes(plan.config, cfg)
+    if changes:
+        raise RunMismatchError(
+            f"{plan.paths.root} was made with another config; resuming with {'; '.join(changes)} would mix masks "
+            f"of two configs in one run. Resume without those settings, or start a new run in another folder: "
+            f"masklet run --manifest {plan.paths.manifest} --out NEW_OUT [--config ...] [overrides]")
+    # Refuses a manifest copy or plan that no longer matches the run's fingerprints (edited by hand).
+    plan = prepare_run(args.out, read_manifest(str(plan.paths.manifest)), cfg)
+    _, shards = run_status(args.out)
+    todo = [s.shard_id for s in shards if s.pending or (args.retry_failed and s.failed)]
+    pending = sum(s.pending for s in shards)
+    failed = sum(s.failed for s in shards)
+    if not todo:
+        hint = f" ({failed} failed: --retry-failed runs them again)" if failed else ""
+        print(f"nothing to resume in {plan.paths.root}: every item is committed{hint}")
+        return 0
+    what = f"{pending} pending item(s)" + (f" and {failed} failed item(s)" if args.retry_failed and failed else "")
+    print(f"resume {plan.paths.root}: {what} in {len(todo)} shard(s)")
+    return _launch(plan, cfg, todo, redo_failed=args.retry_failed, wait=args.wait, command="resume")
 
 
 def _cmd_status(args) -> int:
-    from pipeline.status import format_status, run_status
+    print(_status_text(args.out))
+    return 0
 
-    print(format_status(*run_status(args.out)))
+
+def _cmd_cancel(args) -> int:
+    from pipeline.paths import RunPaths
+    from pipeline.plan import load_run
+
+    plan = load_run(args.out)
+    if not RunPaths.of(args.out).slurm_jobs.exists():
+        print(f"{plan.paths.root} has no SLURM jobs (a local run stops with Ctrl-C)")
+        return 0
+    from pipeline.executors.slurm import cancel
+
+    jobs = cancel(plan.paths)
+    if not jobs:
+        print(f"no queued or running SLURM jobs for {plan.paths.root}")
+        return 0
+    print(f"cancelled SLURM job(s) {', '.join(jobs)}; committed items stay. `masklet resume {plan.paths.root}` "
+          f"runs the rest")
     return 0
 
 
@@ -102,17 +266,34 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--workers", type=int, default=None, help="probing threads (default: CPU count)")
     build.set_defaults(func=_cmd_manifest_build)
 
+    def launch_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--executor", choices=["local", "slurm"], default=None,
+                       help="where shards run (default: the config's `executor`)")
+        p.add_argument("--profile", default=None,
+                       help="cluster profile: a name under configs/clusters/ (a100, h100, mig-1g.10gb, ...) or a YAML")
+        p.add_argument("--wait", action="store_true", help="with SLURM: wait for the jobs and print the status")
+        p.add_argument("overrides", nargs="*", help="config overrides key.sub=value, e.g. slurm.time_min=60")
+
     run = sub.add_parser("run", help="plan and run a manifest into OUT (resumes if OUT exists)")
     run.add_argument("--manifest", required=True, help="manifest (.parquet, .csv or .jsonl with a path column)")
     run.add_argument("--out", required=True, help="run folder")
     run.add_argument("--config", default=None, help="YAML config (default: the embedded default)")
-    run.add_argument("--executor", choices=["local", "slurm"], default=None)
-    run.add_argument("overrides", nargs="*", help="config overrides key.sub=value, e.g. prompt.points_per_side=16")
+    launch_options(run)
     run.set_defaults(func=_cmd_run)
 
-    status = sub.add_parser("status", help="items done / failed / pending per shard, with errors")
+    resume = sub.add_parser("resume", help="run the unfinished shards of OUT again, with OUT's own plan and config")
+    resume.add_argument("out", help="run folder")
+    resume.add_argument("--retry-failed", action="store_true", help="also run items committed as failed again")
+    launch_options(resume)
+    resume.set_defaults(func=_cmd_resume)
+
+    status = sub.add_parser("status", help="items, shards and jobs: done / running / failed, rate, ETA, errors")
     status.add_argument("out", help="run folder")
     status.set_defaults(func=_cmd_status)
+
+    cancel = sub.add_parser("cancel", help="cancel the run's queued and running SLURM jobs")
+    cancel.add_argument("out", help="run folder")
+    cancel.set_defaults(func=_cmd_cancel)
 
     sample = sub.add_parser("sample", help="write a small synthetic media set (two videos, frames, an image)")
     sample.add_argument("folder")
@@ -121,15 +302,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse gives a `*` positional only the words before the first option: overrides after an option
+    # (`resume OUT --retry-failed slurm.time_min=60`) arrive here.
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from pipeline.executors.slurm import SlurmError
     from pipeline.plan import RunMismatchError
     from pipeline.stages.models import CheckpointError
 
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError, CheckpointError, RunMismatchError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, CheckpointError, RunMismatchError, SlurmError) as e:
         # Input problems: one clear line (the message says the fix); -v shows the traceback too.
         if args.verbose:
             raise

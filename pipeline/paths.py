@@ -88,6 +88,10 @@ class RunPaths:
         return self.slurm / "jobs.jsonl"
 
     @property
+    def slurm_jobs_lock(self) -> Path:
+        return self.slurm / "jobs.jsonl.lock"
+
+    @property
     def submitit_folder(self) -> Path:
         """submitit's folder pattern: it puts %j (the job id; `<array>_<task>` for array tasks) in itself."""
         return self.slurm / "%j"

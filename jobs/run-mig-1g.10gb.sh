@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Submit a manifest as a SLURM job array with the cluster profile configs/clusters/mig-1g.10gb.yaml.
+# Usage: jobs/run-mig-1g.10gb.sh MANIFEST OUT [--config CONFIG.yaml] [--wait] [key.sub=value ...]
+set -euo pipefail
+[ $# -ge 2 ] || { echo "usage: $0 MANIFEST OUT [--config CONFIG.yaml] [--wait] [key.sub=value ...]" >&2; exit 2; }
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+exec "$ROOT/.venv/bin/masklet" run --profile mig-1g.10gb --manifest "$1" --out "$2" "${@:3}"

@@ -1,0 +1,210 @@
+"""Runs through real sbatch job arrays on the local SLURM cluster (jobs/slurm/cluster.sh), with the random-weight
+model on the CPU under the `local-test` profile (each task asks for a fake 1g.10gb MIG slice).
+
+One run is interrupted on purpose, in the middle of its long item, every way a cluster interrupts a task:
+USR2 (what SLURM sends before the time limit or on preemption: submitit checkpoints and requeues), then a
+plain `scontrol requeue` (no signal: killed and restarted, as after a node failure), then `masklet cancel`;
+`masklet resume --wait` then resubmits exactly the unfinished shard. Its outputs must equal an uninterrupted
+local run's, bit for bit, with nothing duplicated.
+
+Needs the cluster: `sudo jobs/slurm/cluster.sh up`, then MASKLET_SLURM=1.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from pipeline import open_run
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.executors import slurm
+from pipeline.paths import RunPaths
+from pipeline.plan import load_run
+from pipeline.samples import make_frame_folder, make_image, make_video
+from pipeline.status import shard_status
+
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.skipif(shutil.which("sbatch") is None, reason="sbatch is not on PATH (no SLURM client installed)"),
+    pytest.mark.skipif(
+        os.environ.get("MASKLET_SLURM") != "1",
+        reason="set MASKLET_SLURM=1 after `jobs/slurm/cluster.sh up` to run tests against the local SLURM cluster",
+    ),
+]
+
+# Seconds for any one wait. Generous: the machine has 2 cores shared with other work, a job spends ~15 s
+# importing torch and sam2, and a requeued task starts again after ~7 s.
+WAIT = 240
+LONG = "long.mp4"
+VOLATILE_COLUMNS = {"seconds_decode", "seconds_prompt", "seconds_propagate", "seconds_write", "seconds_total",
+                    "finished_at"}
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = WAIT):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.2)
+    return value
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slurm_run")
+    media = root / "media"
+    make_video(media / LONG, frames=24, width=160, height=120, seed=11)  # long enough to interrupt mid-item
+    make_frame_folder(media / "frames", frames=4, width=128, height=96, ext="png", seed=13)
+    make_image(media / "photo.jpg", width=120, height=90, seed=12)
+    path = root / "manifest.parquet"
+    assert main(["manifest", "build", str(media), "-o", str(path)]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_args(manifest, demo_config, fast_overrides):
+    # One object per item keeps items short on a busy 2-core machine; both runs use the same settings.
+    return ["--manifest", str(manifest), "--config", demo_config, *fast_overrides, "prompt.max_objects=1"]
+
+
+@pytest.fixture(scope="module")
+def local_reference(manifest, run_args):
+    out = manifest.parent / "local"
+    assert main(["run", *run_args, "--out", str(out), "--executor", "local"]) == 0
+    return out
+
+
+def _staged(paths: RunPaths, item_id: str) -> set[str]:
+    """Mask arrays of `item_id` being written (the worker is inside that item)."""
+    return {p.name for p in paths.tmp.glob(f"{item_id}.*.zarr")} if paths.tmp.exists() else set()
+
+
+def _committed(paths: RunPaths, shard_id: int, item_id: str) -> bool:
+    return item_id in open_run(paths.root).items["item_id"].to_pylist()
+
+
+def _starts(paths: RunPaths, task_id: str) -> int:
+    return slurm.task_output(paths, task_id).count("Starting with JobEnvironment")
+
+
+def _state(task_id: str) -> str:
+    return slurm.scheduler_states([task_id]).get(task_id, "UNKNOWN")
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(manifest, run_args, local_reference):
+    out = manifest.parent / "slurm"
+    paths = RunPaths.of(out)
+    events: dict = {}
+    assert main(["run", *run_args, "--out", str(out), "--profile", "local-test"]) == 0
+    plan = load_run(out)
+    assert [s.item_ids for s in plan.shards] == [(LONG,), ("frames", "photo.jpg")]
+    (first,) = slurm.read_records(paths)
+    assert len(first.tasks) == 2, "two shards, one array task each"
+    task = next(t for t, shards in first.tasks.items() if shards == (0,))
+    try:
+        # 1. USR2 in the middle of the long item: submitit checkpoints (same plain arguments) and requeues.
+        first_stage = wait_for(lambda: _staged(paths, LONG), f"{LONG} to start in task {task}")
+        events["committed_at_usr2"] = _committed(paths, 0, LONG)
+        subprocess.run(["scancel", "--signal=USR2", task], check=True, timeout=30)
+        wait_for(lambda: "Requeued job" in slurm.task_output(paths, task), "submitit to requeue on USR2")
+        # 2. Restarted and inside the item again: a plain requeue, no signal (killed, restarted from scratch).
+        wait_for(lambda: _staged(paths, LONG) - first_stage, f"{LONG} to start again after the USR2 requeue")
+        events["committed_at_requeue"] = _committed(paths, 0, LONG)
+        subprocess.run(["scontrol", "requeue", task], check=True, timeout=30)
+        # 3. Running a third time: cancel the run, then resume it.
+        wait_for(lambda: _starts(paths, task) >= 3, "the third start of the task")
+        wait_for(lambda: shard_status(plan, 1).pending == 0, "shard 1 to finish")
+        assert main(["cancel", str(out)]) == 0
+        wait_for(lambda: _state(task) not in slurm.ACTIVE_STATES, f"task {task} to end after the cancel")
+        events["state_after_cancel"] = _state(task)
+        events["pending_after_cancel"] = shard_status(plan, 0).pending
+        assert main(["resume", str(out), "--wait"]) == 0
+    finally:
+        slurm.cancel(paths)  # nothing is left behind on the shared cluster, whatever failed above
+    events["log"] = slurm.task_output(paths, task)
+    return out, events
+
+
+def test_outputs_equal_an_uninterrupted_local_run(interrupted_run, local_reference):
+    out, _ = interrupted_run
+    got, want = open_run(out), open_run(local_reference)
+    assert sorted(got.item_ids()) == sorted(want.item_ids()) == ["frames", LONG, "photo.jpg"]
+    for item_id in want.item_ids():
+        a, b = got.masks(item_id), want.masks(item_id)
+        assert a.shape == b.shape and np.array_equal(a[:], b[:]), item_id
+        assert a.attrs.asdict() == b.attrs.asdict()
+    rows = {r["item_id"]: r for r in got.items.to_pylist()}
+    for row in want.items.to_pylist():
+        other = rows[row["item_id"]]
+        assert {k: v for k, v in other.items() if k not in VOLATILE_COLUMNS} == \
+               {k: v for k, v in row.items() if k not in VOLATILE_COLUMNS}
+    keys = [("item_id", "ascending"), ("object_id", "ascending")]
+    assert got.masklets.sort_by(keys).equals(want.masklets.sort_by(keys))
+    keys.append(("frame", "ascending"))
+    assert got.frames.sort_by(keys).equals(want.frames.sort_by(keys))
+
+
+def test_each_interruption_hit_the_long_item_in_flight(interrupted_run):
+    _, events = interrupted_run
+    assert events["committed_at_usr2"] is False and events["committed_at_requeue"] is False
+    log = events["log"]
+    assert "Caught signal SIGUSR2" in log and "Calling checkpoint method" in log and "Requeued job" in log
+    assert log.count("Starting with JobEnvironment") >= 3  # first start, after USR2, after scontrol requeue
+    assert events["state_after_cancel"] == "CANCELLED" and events["pending_after_cancel"] == 1
+
+
+def test_nothing_is_duplicated(interrupted_run):
+    out, _ = interrupted_run
+    res = open_run(out)
+    items = res.items
+    assert items.num_rows == 3 and pc.count_distinct(items["item_id"]).as_py() == 3
+    assert all(r["status"] == "done" and r["attempts"] == 1 for r in items.to_pylist())
+    assert sorted(p.name for p in RunPaths.of(out).masks.iterdir() if not p.name.startswith(".")
+                  and p.name != "zarr.json") == ["frames", LONG, "photo.jpg"]
+    for row in items.to_pylist():
+        assert row["num_objects"] >= 1, f"{row['item_id']}: no object, so the comparison of masks proves little"
+        n = res.frames.filter(pc.equal(res.frames["item_id"], row["item_id"])).num_rows
+        assert n == row["num_objects"] * row["num_frames"], row["item_id"]
+    assert res.masklets.num_rows == sum(r["num_objects"] for r in items.to_pylist())
+
+
+def test_resume_resubmitted_exactly_the_unfinished_shard(interrupted_run, capsys):
+    out, _ = interrupted_run
+    paths = RunPaths.of(out)
+    first, second = slurm.read_records(paths)
+    assert sorted(first.tasks.values()) == [(0,), (1,)]
+    assert list(second.tasks.values()) == [(0,)] and second.command == "resume"
+    capsys.readouterr()
+    assert main(["status", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "3 done, 0 failed, 0 pending of 3" in text and "RANDOM WEIGHTS" in text
+    assert "shards: 2 done, 0 running, 0 queued, 0 failed, 0 pending of 2" in text
+    assert f"latest job {second.job_id} (1 task(s)): 1 COMPLETED" in text
+
+
+def test_the_submitted_script_is_the_one_the_profile_makes(interrupted_run):
+    out, _ = interrupted_run
+    paths = RunPaths.of(out)
+    first = slurm.read_records(paths)[0]
+    submitted = (paths.slurm / first.job_id / f"{first.job_id}_submission.sh").read_text()
+    expected = slurm.sbatch_script(load_config(profile="local-test").slurm, paths.submitit_folder, num_tasks=2,
+                                   python=sys.executable)
+    assert submitted == expected
+
+
+def test_an_unsatisfiable_gpu_request_is_refused_at_submit(run_args, manifest, capsys):
+    out = manifest.parent / "refused"
+    capsys.readouterr()
+    assert main(["run", *run_args, "--out", str(out), "--profile", "local-test", "slurm.gres=gpu:b200:1"]) == 2
+    err = capsys.readouterr().err
+    assert "sbatch refused the job" in err and "slurm.gres" in err
+    assert not RunPaths.of(out).slurm_jobs.exists()
