@@ -72,6 +72,11 @@ class PromptConfig:
 class PropagateConfig:
     enabled: bool = True  # False: masks on the keyframe only (phase-1 style)
     mask_threshold: float = 0.0  # logits above this are foreground in the written masks
+    object_batch: int | None = None  # objects per batched step; null: chosen per device (1 on CPU)
+    prefetch: int = 2  # frames decoded and preprocessed ahead of the model
+    autocast: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on CUDA GPUs with bf16, else off
+    tf32: bool = True  # TF32 matmuls on CUDA GPUs that have them
+    compile: bool = False  # torch.compile the model's parts (as sam2's vos_optimized); slow first frames
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,13 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from pipeline.config import RunConfig
+from pipeline.config import PropagateConfig, RunConfig
 from pipeline.plan import RunPlan, load_run
 from pipeline.records import FrameMasks, ItemResult, MediaItem
 from pipeline.stages.decode import display_path, open_frames
 from pipeline.stages.models import LoadedModel, load_model
 from pipeline.stages.prompt import make_generator, prompt_keyframe
-from pipeline.stages.propagate import MediaEnded, propagate
+from pipeline.stages.track import MediaEnded, TrackOptions, track, write_behind
 from pipeline.store import metadata
 from pipeline.store.commit import commit_item, compact_shard, committed_items
 from pipeline.store.masks import MaskWriter
@@ -67,6 +67,11 @@ class Models:
         if self._generator is None:
             self._generator = make_generator(self.model, self.cfg.prompt)
         return self._generator
+
+
+def track_options(cfg: PropagateConfig) -> TrackOptions:
+    return TrackOptions(object_batch=cfg.object_batch, prefetch=cfg.prefetch, autocast=cfg.autocast,
+                        tf32=cfg.tf32, compile=cfg.compile, mask_threshold=cfg.mask_threshold)
 
 
 def _stride(item: MediaItem, cfg: RunConfig) -> int:
@@ -127,14 +132,18 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models) 
     t_prop = time.perf_counter()
     try:
         if prompts and cfg.propagate.enabled:
-            stream = propagate(model, itertools.chain([first], frames), num_frames, height, width, prompts,
-                               source.source_frames, cfg.propagate.mask_threshold)
+            stream = track(model, itertools.chain([first], frames), num_frames, height, width, prompts,
+                           source.source_frames, track_options(cfg.propagate))
+
+            def write(fm: FrameMasks) -> None:  # runs in the writer thread, overlapping the next frame
+                nonlocal seconds_write
+                t_w = time.perf_counter()
+                writer.write(fm)
+                rows.add(fm.frame, fm.source_frame, fm.object_ids, fm.masks, fm.object_scores)
+                seconds_write += time.perf_counter() - t_w
+
             try:
-                for fm in stream:
-                    t_w = time.perf_counter()
-                    writer.write(fm)
-                    rows.add(fm.frame, fm.source_frame, fm.object_ids, fm.masks, fm.object_scores)
-                    seconds_write += time.perf_counter() - t_w
+                write_behind(stream, write)
             except MediaEnded as e:
                 # Headers can overstate the frame count; keep what was really decoded.
                 log.warning("%s: %s; keeping %d frames", item.item_id, e, writer.frames_buffered)
@@ -155,7 +164,7 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models) 
     except BaseException:
         writer.abort()
         raise
-    seconds_propagate = time.perf_counter() - t_prop - seconds_write - frames.seconds
+    seconds_propagate = time.perf_counter() - t_prop  # wall time; decoding and writing overlap it (threads)
     frames_table = rows.table()
     masklets = metadata.masklets_table(item.item_id, prompts, source.source_frames, frames_table)
     result = ItemResult(
