@@ -5,10 +5,12 @@ import argparse
 import logging
 import sys
 import threading
+import warnings
 
 import yaml
 
-from pipeline.config import ConfigError, config_from_dict, config_to_dict, load_config, parse_overrides, profile_path
+from pipeline.config import (ConfigError, config_from_dict, config_to_dict, load_config, merge_dicts, parse_overrides,
+                             profile_path)
 
 
 def _cmd_manifest_build(args) -> int:
@@ -30,7 +32,9 @@ def _progress(plan, stop: threading.Event, interval: float = 1.0) -> None:
     from pipeline.status import shard_status
 
     total_items = sum(len(s.item_ids) for s in plan.shards)
-    bar = tqdm(total=total_items, unit="item", desc="masklet", dynamic_ncols=True)
+    # Off a terminal (logs, CI) a line every 10 s is enough.
+    bar = tqdm(total=total_items, unit="item", desc="masklet", dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 10.0)
     while True:
         stopped = stop.wait(interval)
         states = [shard_status(plan, s.shard_id) for s in plan.shards]
@@ -92,14 +96,9 @@ def _launch(plan, cfg, shard_ids: list[int], *, redo_failed: bool, wait: bool, c
         return 0
     if cfg.executor == "local":
         from pipeline.executors.local import LocalExecutor
-        from pipeline.worker import run_shard
 
         with _ProgressBar(plan):
-            if redo_failed:  # the local executor has no redo_failed yet: in this process, shard by shard
-                for shard_id in todo:
-                    run_shard(root, shard_id, redo_failed=True)
-            else:
-                LocalExecutor(cfg.local.workers).launch(root, todo)
+            LocalExecutor(cfg.local.workers).launch(root, todo, redo_failed=redo_failed)
         print(_status_text(root))
         return 0
     from pipeline.executors.slurm import SlurmExecutor
@@ -145,13 +144,6 @@ def _cmd_run(args) -> int:
     return _launch(plan, cfg, pending, redo_failed=False, wait=args.wait, command="run")
 
 
-def _deep_merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -164,9 +156,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def _mask_changes(old, new) -> list[str]:
     """The keys whose change alone would change the masks (the run's config fingerprint), 'key: old -> new'."""
-    from pipeline.plan import _config_fingerprint  # TODO(lead): expose as config_fingerprint
+    from pipeline.plan import config_fingerprint
 
-    base = _config_fingerprint(old)
+    base = config_fingerprint(old)
     old_flat, new_flat = _flatten(config_to_dict(old)), _flatten(config_to_dict(new))
     changes = []
     for key in sorted(k for k in new_flat if new_flat[k] != old_flat.get(k)):
@@ -176,7 +168,7 @@ def _mask_changes(old, new) -> list[str]:
         for p in parents:
             node = node[p]
         node[leaf] = new_flat[key]
-        if _config_fingerprint(config_from_dict(one)) != base:
+        if config_fingerprint(config_from_dict(one)) != base:
             changes.append(f"{key}: {old_flat.get(key)!r} -> {new_flat[key]!r}")
     return changes
 
@@ -190,8 +182,8 @@ def _cmd_resume(args) -> int:
     # The run's own config, then this launch's profile and overrides (executor settings may change).
     data = config_to_dict(plan.config)
     if args.profile:
-        data = _deep_merge(data, yaml.safe_load(profile_path(args.profile).read_text()) or {})
-    data = _deep_merge(data, parse_overrides(args.overrides))
+        data = merge_dicts(data, yaml.safe_load(profile_path(args.profile).read_text()) or {})
+    data = merge_dicts(data, parse_overrides(args.overrides))
     if args.executor:
         data["executor"] = args.executor
     try:
@@ -312,6 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    # The worker logs INFO to each shard's log file; the terminal shows it only with -v.
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    # sam2 builds its position encodings with torch.jit.script, which torch now warns about at every build.
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     from pipeline.executors.slurm import SlurmError
     from pipeline.plan import RunMismatchError
     from pipeline.stages.models import CheckpointError

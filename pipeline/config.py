@@ -142,6 +142,8 @@ class RunConfig:
             raise ConfigError(f"decode.stride={self.decode.stride} must be >= 1")
         if self.decode.max_frames is not None and self.decode.max_frames < 1:
             raise ConfigError(f"decode.max_frames={self.decode.max_frames} must be >= 1 or null")
+        if self.decode.max_side < 64:
+            raise ConfigError(f"decode.max_side={self.decode.max_side} must be >= 64")
         if self.executor not in ("local", "slurm"):
             raise ConfigError(f"executor={self.executor!r}: use 'local' or 'slurm'")
         if self.store.frames_per_file < 1:
@@ -238,10 +240,10 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_dicts(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -278,8 +280,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     valid ones."""
     data: dict = _read_yaml(profile_path(profile)) if profile else {}
     if path is not None:
-        data = _merge(data, _read_yaml(path))
-    data = _merge(data, parse_overrides(overrides or []))
+        data = merge_dicts(data, _read_yaml(path))
+    data = merge_dicts(data, parse_overrides(overrides or []))
     try:
         return _build(RunConfig, data).validate()
     except ConfigError as e:

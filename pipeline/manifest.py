@@ -40,6 +40,9 @@ from pipeline.stages.decode import (
     ffmpeg_reason,
     frame_files,
     media_kind_of_name,
+    permission_message,
+    sniff_media,
+    unreachable_message,
     utf8_text,
 )
 
@@ -329,6 +332,9 @@ def probe(path: str, kind: MediaKind) -> MediaItem:
 
 def _missing_or_empty(path: str, item: MediaItem, want_dir: bool) -> MediaItem | None:
     shown = display_path(path)
+    unreachable = unreachable_message(path)
+    if unreachable:
+        return replace(item, error=unreachable)
     if not os.path.exists(path):
         return replace(item, error=f"{shown}: file not found")
     if want_dir and not os.path.isdir(path):
@@ -338,8 +344,25 @@ def _missing_or_empty(path: str, item: MediaItem, want_dir: bool) -> MediaItem |
             item, error=f"{shown}: is a folder; a {item.kind} must be a file (a folder of frames has kind 'frames')"
         )
     if not want_dir and os.path.getsize(path) == 0:
-        return replace(item, error=f"{shown}: empty file (0 bytes)")
+        return replace(
+            item,
+            error=f"{shown}: empty file (0 bytes): the copy, download or recording did not finish; copy it again "
+            f"from the source or leave it out",
+        )
+    # Opening proves read permission; the mode bits alone would not (root and ACLs bypass them).
+    try:
+        if want_dir:
+            frame_files(path)
+        else:
+            with open(path, "rb"):
+                pass
+    except PermissionError:
+        return replace(item, error=permission_message(path, is_dir=want_dir))
     return None
+
+
+_NO_FRAMES = ("the video stream holds no frames (an empty recording or export): nothing to segment; export it "
+              "again or leave it out")
 
 
 def _probe_video(path: str, item: MediaItem) -> MediaItem:
@@ -351,10 +374,16 @@ def _probe_video(path: str, item: MediaItem) -> MediaItem:
     try:
         container = av.open(path)
     except av.FFmpegError as e:
-        return replace(item, bytes=size, error=f"{shown}: not a readable video ({ffmpeg_reason(e)})")
+        cause = sniff_media(path)
+        error = f"{shown}: not a readable video ({ffmpeg_reason(e)})" + (f": {cause}" if cause else "")
+        return replace(item, bytes=size, error=error)
     with container:
         if not container.streams.video:
-            return replace(item, bytes=size, error=f"{shown}: has no video stream")
+            # An mp4/mov muxer writes no track for a stream that never got a frame, so an empty recording
+            # lands here too.
+            error = (f"{shown}: has no video stream (audio only, or a recording that never got a frame): nothing "
+                     f"to segment; leave it out")
+            return replace(item, bytes=size, error=error)
         stream = container.streams.video[0]
         ctx = stream.codec_context
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
@@ -369,10 +398,11 @@ def _probe_video(path: str, item: MediaItem) -> MediaItem:
             first = next(decode_video_frames(container, stream, shown), None)
         except DecodeError as e:
             reason = ffmpeg_reason(e.__cause__) if e.__cause__ is not None else str(e)
-            error = f"{shown}: cannot decode the first frame ({reason})"
+            error = (f"{shown}: cannot decode the first frame ({reason}): the file is damaged; copy it again from the "
+                     f"source or re-encode it")
             return replace(item, bytes=size, codec=codec, fps=fps, error=error)
         if first is None:
-            return replace(item, bytes=size, codec=codec, fps=fps, error=f"{shown}: the video stream holds no frames")
+            return replace(item, bytes=size, codec=codec, fps=fps, error=f"{shown}: {_NO_FRAMES}")
         width, height = first.width, first.height
         if round(first.rotation / 90) % 2:
             width, height = height, width
@@ -380,7 +410,7 @@ def _probe_video(path: str, item: MediaItem) -> MediaItem:
     if num_frames <= 0:
         num_frames = _count_packets(path)
     if num_frames <= 0:
-        return replace(item, bytes=size, codec=codec, fps=fps, error=f"{shown}: the video stream holds no frames")
+        return replace(item, bytes=size, codec=codec, fps=fps, error=f"{shown}: {_NO_FRAMES}")
     return replace(item, num_frames=num_frames, fps=fps, width=width, height=height, codec=codec, bytes=size)
 
 
@@ -405,8 +435,14 @@ def _probe_frames(path: str, item: MediaItem) -> MediaItem:
         extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
         return replace(item, error=f"{display_path(path)}: the frame folder holds no frames ({extensions})")
     total = sum(os.path.getsize(f) for f in files)
-    with Image.open(files[0]) as first:  # reads the header only
-        width, height = first.size
+    try:
+        with Image.open(files[0]) as first:  # reads the header only
+            width, height = first.size
+    except PermissionError:
+        return replace(item, error=permission_message(files[0], is_dir=False))
+    except (OSError, SyntaxError, ValueError) as e:
+        return replace(item, error=f"{display_path(path)}: cannot read its first frame {display_path(files[0])} ({e}); "
+                                   f"the file is damaged or not an image: replace or remove it")
     codecs = sorted({FRAME_CODECS[os.path.splitext(f)[1].lower()] for f in files})
     return replace(item, num_frames=len(files), width=width, height=height, codec="+".join(codecs), bytes=total)
 
@@ -416,7 +452,18 @@ def _probe_image(path: str, item: MediaItem) -> MediaItem:
     if failed:
         return failed
     size = os.path.getsize(path)
-    with Image.open(path) as img:  # reads the header only
+    try:
+        img = Image.open(path)  # reads the header only
+    except Image.DecompressionBombError as e:
+        # PIL refuses images over 2 x Image.MAX_IMAGE_PIXELS (~179 MP): decoding them would take gigabytes.
+        error = (f"{display_path(path)}: too large to decode safely ({e}); downscale it below "
+                 f"{2 * Image.MAX_IMAGE_PIXELS:,} pixels first")
+        return replace(item, bytes=size, error=error)
+    except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
+        error = (f"{display_path(path)}: cannot probe image: not a readable image ({e}): damaged, cut short or not "
+                 f"an image; replace it")
+        return replace(item, bytes=size, error=error)
+    with img:
         width, height = img.size
         codec = (img.format or "").lower() or None
         # Phone photos store sideways pixels plus an EXIF orientation; decode turns them upright (see

@@ -72,7 +72,7 @@ def _versions() -> dict:
     return out
 
 
-def _config_fingerprint(cfg: RunConfig) -> str:
+def config_fingerprint(cfg: RunConfig) -> str:
     """What must not change within a run: everything that decides the masks (not executor settings)."""
     d = config_to_dict(cfg)
     for volatile in ("executor", "local", "slurm", "retries"):
@@ -112,11 +112,17 @@ def prepare_run(out: str | Path, items: list[MediaItem], cfg: RunConfig) -> RunP
                 f"{paths.root} was planned from a different manifest (fingerprint {old['manifest_fingerprint'][:12]} "
                 f"vs {fingerprint[:12]}); resume it with its own manifest, or start a new run with another --out"
             )
-        if old["config_fingerprint"] != _config_fingerprint(cfg):
+        if old["config_fingerprint"] != config_fingerprint(cfg):
             raise RunMismatchError(
                 f"{paths.root} was made with another config (see {paths.snapshot}: 'config'); its masks would "
                 f"not match the new settings. Use the same config to resume, or another --out for a new run"
             )
+        if config_to_dict(cfg) != old["config"]:
+            # Only launch settings differ (device, threads, retries, executor, profile): jobs read them from
+            # run.json, so this launch's settings must be the ones written there.
+            snapshot = {**old, "config": config_to_dict(cfg), "relaunched_at": datetime.now(timezone.utc).isoformat()}
+            _atomic_write_text(paths.snapshot, json.dumps(snapshot, indent=1))
+            return load_run(out)
         return existing
     paths.ensure()
     shards = make_plan(items, cfg.plan)
@@ -126,7 +132,7 @@ def prepare_run(out: str | Path, items: list[MediaItem], cfg: RunConfig) -> RunP
     snapshot = {
         "created_at": datetime.now(timezone.utc).isoformat(),
         "config": config_to_dict(cfg),
-        "config_fingerprint": _config_fingerprint(cfg),
+        "config_fingerprint": config_fingerprint(cfg),
         "manifest_fingerprint": fingerprint,
         "num_items": len(items),
         "num_shards": len(shards),

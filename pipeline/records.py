@@ -79,8 +79,10 @@ class ItemResult:
     error: str | None = None
     num_frames: int = 0  # frames decoded and segmented
     num_objects: int = 0
-    width: int = 0
+    width: int = 0  # resolution of the stored masks (the decoded frames)
     height: int = 0
+    stride: int = 1
+    scale: float | None = None  # stored / original size (1.0 unless the frames exceeded decode.max_side)
     attempts: int = 1
     seconds_decode: float = 0.0
     seconds_prompt: float = 0.0

@@ -8,6 +8,7 @@ is not one flat region that swallows the prompts.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from fractions import Fraction
 from functools import lru_cache
 
@@ -155,16 +156,28 @@ def make_video(
     codec: str | None = None,
     seed: int = 0,
     rotation: int = 0,
+    timestamps: Sequence[int] | None = None,
+    faststart: bool = False,
 ) -> str:
     """Write the sample scene as a video; the container comes from the extension. Returns the path.
 
     `rotation` (a multiple of 90) stores the frames turned and records a display rotation, as phones do: a
     reader that honours the metadata (PyAV's `VideoFrame.rotation`, counter-clockwise degrees) shows the
     drawn `width` x `height` scene upright, while the coded frames are `height` x `width` for +-90.
+    `timestamps` (one per frame, increasing, in units of 1/`fps` s; default 0, 1, 2, ...) with gaps make a
+    variable-frame-rate video, as phones write when the light is low. `faststart` (mp4/mov) puts the index
+    before the frames, as streaming sites do, so that a copy cut short still opens.
     """
     path = os.fspath(path)
     if frames < 1:
         raise ValueError(f"cannot write {path!r}: frames must be >= 1, got {frames}")
+    if timestamps is not None and (
+        len(timestamps) != frames or any(b <= a for a, b in zip(timestamps, timestamps[1:])) or timestamps[0] < 0
+    ):
+        raise ValueError(
+            f"cannot write {path!r}: timestamps must be {frames} increasing ticks >= 0 (one per frame), "
+            f"got {timestamps}"
+        )
     if rotation % 90:
         raise ValueError(f"cannot write {path!r}: rotation must be a multiple of 90 degrees, got {rotation}")
     # 4:2:0 chroma (every encoder used here) needs even sizes; say so rather than let FFmpeg fail obscurely.
@@ -175,7 +188,8 @@ def make_video(
     coded_w, coded_h = (height, width) if turns % 2 else (width, height)
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with av.open(path, mode="w") as container:
+    options = {"movflags": "+faststart"} if faststart else {}
+    with av.open(path, mode="w", options=options) as container:
         stream = container.add_stream(encoder, rate=Fraction(fps))
         stream.width, stream.height = coded_w, coded_h
         stream.pix_fmt = "yuvj420p" if encoder == "mjpeg" else "yuv420p"
@@ -187,11 +201,28 @@ def make_video(
             # Store the inverse turn so that applying the display rotation gives the drawn scene back.
             coded = np.ascontiguousarray(np.rot90(rgb, k=-turns))
             frame = av.VideoFrame.from_ndarray(coded, format="rgb24")
-            frame.pts = i
+            frame.pts = i if timestamps is None else int(timestamps[i])
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+    return path
+
+
+def make_empty_video(path: str | os.PathLike[str], width: int = 64, height: int = 48) -> str:
+    """Write a container whose video stream never got a frame (an empty recording or export). Returns the path.
+
+    mp4/mov muxers drop a track without samples, so those files end up with no video stream at all; AVI keeps
+    the stream header with zero frames; Matroska/WebM end right after their header.
+    """
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    encoder = choose_codec(path)
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream(encoder, rate=24)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuvj420p" if encoder == "mjpeg" else "yuv420p"
+        container.start_encoding()  # the header is written here; without it nothing is written at all
     return path
 
 

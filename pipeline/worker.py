@@ -7,6 +7,7 @@ failed row with its error.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -17,10 +18,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from pipeline.config import PropagateConfig, RunConfig
+from pipeline.config import RunConfig
+from pipeline.device import WorkSizing, detect_device, size_for_device
 from pipeline.plan import RunPlan, load_run
 from pipeline.records import FrameMasks, ItemResult, MediaItem
-from pipeline.stages.decode import display_path, open_frames
+from pipeline.stages.decode import display_path, open_frames, utf8_text
 from pipeline.stages.models import LoadedModel, load_model
 from pipeline.stages.prompt import make_generator, prompt_keyframe
 from pipeline.stages.track import MediaEnded, TrackOptions, track, write_behind
@@ -54,24 +56,36 @@ class Models:
         self.cfg = cfg
         self._model: LoadedModel | None = None
         self._generator = None
+        self.sizing: WorkSizing | None = None
 
     @property
     def model(self) -> LoadedModel:
         if self._model is None:
             self._model = load_model(self.cfg.model)
             log.info("model %s on %s", self._model.label, self._model.device)
+            if self._model.device.type == "cuda":
+                # Size the work to this GPU or MIG slice (pipeline/device.py has the rule).
+                info = detect_device()
+                self.sizing = size_for_device(info, self.cfg.model.name, self._model.image_size,
+                                              self.cfg.prompt.max_objects)
+                log.info("device %s: object batch %d, frames ahead %d", info.describe(),
+                         self.sizing.object_batch, self.sizing.frames_ahead)
+                if self.sizing.refusal():
+                    raise RuntimeError(self.sizing.refusal())
         return self._model
+
+    def track_options(self) -> TrackOptions:
+        p = self.cfg.propagate
+        object_batch = p.object_batch or (self.sizing.object_batch if self.sizing else None)
+        prefetch = max(p.prefetch, self.sizing.frames_ahead) if self.sizing else p.prefetch
+        return TrackOptions(object_batch=object_batch, prefetch=prefetch, autocast=p.autocast, tf32=p.tf32,
+                            compile=p.compile, mask_threshold=p.mask_threshold)
 
     @property
     def generator(self):
         if self._generator is None:
             self._generator = make_generator(self.model, self.cfg.prompt)
         return self._generator
-
-
-def track_options(cfg: PropagateConfig) -> TrackOptions:
-    return TrackOptions(object_batch=cfg.object_batch, prefetch=cfg.prefetch, autocast=cfg.autocast,
-                        tf32=cfg.tf32, compile=cfg.compile, mask_threshold=cfg.mask_threshold)
 
 
 def _stride(item: MediaItem, cfg: RunConfig) -> int:
@@ -108,11 +122,12 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models) 
     t_start = time.perf_counter()
     if item.error:
         raise ValueError(f"probe failed: {item.error}")
-    source = open_frames(item, stride=_stride(item, cfg), max_frames=cfg.decode.max_frames)
+    source = open_frames(item, stride=_stride(item, cfg), max_frames=cfg.decode.max_frames,
+                         max_side=cfg.decode.max_side)
     frames = _Timer(rgb for _, rgb in source)
     first = next(frames, None)
     if first is None:
-        raise ValueError(f"{item.path}: no frame could be decoded")
+        raise ValueError(f"{display_path(item.path)}: no frame could be decoded")
     height, width = first.shape[:2]
     model = models.model
     t0 = time.perf_counter()
@@ -133,7 +148,7 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models) 
     try:
         if prompts and cfg.propagate.enabled:
             stream = track(model, itertools.chain([first], frames), num_frames, height, width, prompts,
-                           source.source_frames, track_options(cfg.propagate))
+                           source.source_frames, models.track_options())
 
             def write(fm: FrameMasks) -> None:  # runs in the writer thread, overlapping the next frame
                 nonlocal seconds_write
@@ -169,22 +184,23 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models) 
     masklets = metadata.masklets_table(item.item_id, prompts, source.source_frames, frames_table)
     result = ItemResult(
         item_id=item.item_id, status="done", num_frames=real_frames, num_objects=len(prompts),
-        width=width, height=height, seconds_decode=frames.seconds, seconds_prompt=seconds_prompt,
+        width=width, height=height, stride=_stride(item, cfg), scale=float(source.scale),
+        seconds_decode=frames.seconds, seconds_prompt=seconds_prompt,
         seconds_propagate=max(0.0, seconds_propagate), seconds_write=seconds_write,
         seconds_total=time.perf_counter() - t_start,
     )
-    return result, {"masklets": masklets, "frames": frames_table, "stride": _stride(item, cfg)}
+    return result, {"masklets": masklets, "frames": frames_table}
 
 
-def _item_row(plan: RunPlan, shard_id: int, item: MediaItem, result: ItemResult, models: Models | None,
-              stride: int) -> dict:
+def _item_row(plan: RunPlan, shard_id: int, item: MediaItem, result: ItemResult, models: Models | None) -> dict:
     loaded = models._model if models else None
     cfg = plan.config
     return {
         "item_id": item.item_id, "path": display_path(item.path), "kind": item.kind, "shard_id": shard_id,
         "status": result.status, "error": result.error, "attempts": result.attempts,
-        "num_frames": result.num_frames, "source_num_frames": item.num_frames, "stride": stride,
-        "width": result.width or item.width, "height": result.height or item.height, "fps": item.fps,
+        "num_frames": result.num_frames, "source_num_frames": item.num_frames, "stride": result.stride,
+        "width": result.width or None, "height": result.height or None, "scale": result.scale,
+        "source_width": item.width, "source_height": item.height, "fps": item.fps,
         "num_objects": result.num_objects, "model": cfg.model.name,
         "image_size": loaded.image_size if loaded else cfg.model.image_size,
         "checkpoint_sha256": loaded.checkpoint_sha256 if loaded else None,
@@ -216,14 +232,15 @@ def run_shard(run_dir: str, shard_id: int, redo_failed: bool = False,
     summary = ShardSummary()
     try:
         done = committed_items(plan.paths, shard_id)
+        todo = [i for i in shard.item_ids if not (done.get(i) == "done" or (i in done and not redo_failed))]
+        summary.skipped = len(shard.item_ids) - len(todo)
         models = Models(plan.config)
-        for item_id in shard.item_ids:
-            if done.get(item_id) == "done" or (item_id in done and not redo_failed):
-                summary.skipped += 1
-                continue
+        if todo:
+            models.model  # load (and size to the device) before any item: a model error is not an item's
+        for item_id in todo:
             item = plan.items[item_id]
-            result, tables, stride = _run_with_retries(plan, shard_id, item, models)
-            row = _item_row(plan, shard_id, item, result, models, stride)
+            result, tables = _run_with_retries(plan, shard_id, item, models)
+            row = _item_row(plan, shard_id, item, result, models)
             tables["items"] = metadata.items_table([row])
             commit_item(plan.paths, shard_id, item_id, tables)  # last: the item now exists for readers
             if result.status == "done":
@@ -244,20 +261,19 @@ def run_shard(run_dir: str, shard_id: int, redo_failed: bool = False,
 
 def _run_with_retries(plan: RunPlan, shard_id: int, item: MediaItem, models: Models):
     attempts = 1 + plan.config.retries
-    stride = _stride(item, plan.config)
     for attempt in range(1, attempts + 1):
         try:
             result, tables = process_item(plan, shard_id, item, models)
-            stride = tables.pop("stride")
-            return ItemResult(**{**result.__dict__, "attempts": attempt}), tables, stride
+            return dataclasses.replace(result, attempts=attempt), tables
         except Exception as e:  # noqa: BLE001 - any per-item failure becomes that item's row
-            error = f"{type(e).__name__}: {e}"
+            error = utf8_text(f"{type(e).__name__}: {e}")  # Parquet strings must be UTF-8; paths may not be
             log.warning("item %s attempt %d/%d failed: %s\n%s", item.item_id, attempt, attempts, error,
                         traceback.format_exc())
             deterministic = item.error is not None
             if deterministic or attempt == attempts:
-                failed = ItemResult(item_id=item.item_id, status="failed", error=error, attempts=attempt)
+                failed = ItemResult(item_id=item.item_id, status="failed", error=error, attempts=attempt,
+                                    stride=_stride(item, plan.config))
                 empty = {"masklets": metadata.empty(metadata.MASKLETS_SCHEMA),
                          "frames": metadata.empty(metadata.FRAMES_SCHEMA)}
-                return failed, empty, stride
+                return failed, empty
     raise AssertionError("unreachable")

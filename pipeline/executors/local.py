@@ -29,7 +29,7 @@ def visible_gpus() -> list[str]:
         return []
 
 
-def _gpu_worker(run_dir: str, gpu: str, shard_queue, errors) -> None:
+def _gpu_worker(run_dir: str, gpu: str, redo_failed: bool, shard_queue, errors) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     while True:
         try:
@@ -37,7 +37,7 @@ def _gpu_worker(run_dir: str, gpu: str, shard_queue, errors) -> None:
         except queue.Empty:
             return
         try:
-            run_shard(run_dir, shard_id)
+            run_shard(run_dir, shard_id, redo_failed=redo_failed)
         except Exception as e:  # noqa: BLE001 - reported to the parent, which fails the run with it
             errors.put(f"shard {shard_id} on GPU {gpu}: {type(e).__name__}: {e}")
 
@@ -48,19 +48,19 @@ class LocalExecutor:
     def __init__(self, workers: int | None = None):
         self.workers = workers
 
-    def launch(self, run_dir: str, shard_ids: Sequence[int]) -> None:
+    def launch(self, run_dir: str, shard_ids: Sequence[int], redo_failed: bool = False) -> None:
         gpus = visible_gpus()
         n = self.workers if self.workers is not None else len(gpus)
         if n <= 1 or not shard_ids:
             for shard_id in shard_ids:
-                run_shard(run_dir, shard_id)
+                run_shard(run_dir, shard_id, redo_failed=redo_failed)
             return
         ctx = mp.get_context("spawn")  # fresh interpreters: CUDA state never crosses a fork
         shard_queue, errors = ctx.Queue(), ctx.Queue()
         for s in shard_ids:
             shard_queue.put(s)
         slots = gpus if gpus else ["" for _ in range(n)]
-        procs = [ctx.Process(target=_gpu_worker, args=(run_dir, slots[i % len(slots)], shard_queue, errors))
+        procs = [ctx.Process(target=_gpu_worker, args=(run_dir, slots[i % len(slots)], redo_failed, shard_queue, errors))
                  for i in range(n)]
         for p in procs:
             p.start()

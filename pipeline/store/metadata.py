@@ -17,8 +17,11 @@ ITEMS_SCHEMA = pa.schema([
     ("num_frames", pa.int32()),  # frames decoded and segmented (the Zarr time axis)
     ("source_num_frames", pa.int64()),  # frames in the media, as probed
     ("stride", pa.int32()),
-    ("width", pa.int32()),
+    ("width", pa.int32()),  # resolution of the stored masks (null for failed items)
     ("height", pa.int32()),
+    ("source_width", pa.int32()),  # the media's resolution, as probed (displayed orientation)
+    ("source_height", pa.int32()),
+    ("scale", pa.float64()),  # width / source_width: 1.0 unless frames exceeded decode.max_side
     ("fps", pa.float64()),
     ("num_objects", pa.int32()),
     ("model", pa.string()),
