@@ -5,6 +5,7 @@ Masks from random weights prove plumbing, not quality."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -35,3 +36,14 @@ def fast_overrides(random_checkpoint) -> list[str]:
 @pytest.fixture(scope="session")
 def demo_config() -> str:
     return os.path.join(os.path.dirname(__file__), "..", "configs", "random-demo.yaml")
+
+
+# Tests against the real single-node SLURM cluster (jobs/slurm/cluster.sh up; CI starts it).
+NEEDS_SLURM_CLUSTER = [
+    pytest.mark.slurm,
+    pytest.mark.skipif(shutil.which("sbatch") is None, reason="sbatch is not on PATH (no SLURM client installed)"),
+    pytest.mark.skipif(
+        os.environ.get("MASKLET_SLURM") != "1",
+        reason="set MASKLET_SLURM=1 after `jobs/slurm/cluster.sh up` to run tests against the local SLURM cluster",
+    ),
+]

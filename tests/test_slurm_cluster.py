@@ -8,7 +8,6 @@ Runs only where the cluster is up: CI runs `jobs/slurm/cluster.sh up` and sets M
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -16,14 +15,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [
-    pytest.mark.slurm,
-    pytest.mark.skipif(shutil.which("sbatch") is None, reason="sbatch is not on PATH (no SLURM client installed)"),
-    pytest.mark.skipif(
-        os.environ.get("MASKLET_SLURM") != "1",
-        reason="set MASKLET_SLURM=1 after `jobs/slurm/cluster.sh up` to run tests against the local SLURM cluster",
-    ),
-]
+from tests.conftest import NEEDS_SLURM_CLUSTER
+
+pytestmark = NEEDS_SLURM_CLUSTER
 
 # Seconds; the cluster schedules within about a second, a requeued job restarts after about 7 s.
 JOB_TIMEOUT = 30

@@ -11,8 +11,6 @@ Needs the cluster: `sudo jobs/slurm/cluster.sh up`, then MASKLET_SLURM=1.
 """
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +19,8 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow.compute as pc
 import pytest
+
+from tests.conftest import NEEDS_SLURM_CLUSTER
 
 from pipeline import open_run
 from pipeline.cli import main
@@ -31,14 +31,7 @@ from pipeline.plan import load_run
 from pipeline.samples import make_frame_folder, make_image, make_video
 from pipeline.status import shard_status
 
-pytestmark = [
-    pytest.mark.slurm,
-    pytest.mark.skipif(shutil.which("sbatch") is None, reason="sbatch is not on PATH (no SLURM client installed)"),
-    pytest.mark.skipif(
-        os.environ.get("MASKLET_SLURM") != "1",
-        reason="set MASKLET_SLURM=1 after `jobs/slurm/cluster.sh up` to run tests against the local SLURM cluster",
-    ),
-]
+pytestmark = NEEDS_SLURM_CLUSTER
 
 # Seconds for any one wait. Generous: the machine has 2 cores shared with other work, a job spends ~15 s
 # importing torch and sam2, and a requeued task starts again after ~7 s.

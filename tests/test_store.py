@@ -2,7 +2,6 @@
 import shutil
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from pipeline.config import StoreConfig
