@@ -4,10 +4,10 @@ batches sized to the device, and decoding ahead of the model.
 Same contract as `propagate()` (pipeline/stages/propagate.py): `track(...)` yields one `FrameMasks` per frame,
 in frame order, from the first prompt frame to the end. What differs is how the work is laid out:
 
-- Frames stream. A prefetch thread pulls RGB frames from the caller's iterator and preprocesses them exactly
-  as sam2's JPEG loader does, at most `prefetch` frames ahead of the model; the model reads them through
-  sam2's own `images[t]` access, and a frame is released as soon as the model has moved past it. (sam2's
-  `init_state` loads and preprocesses the whole video before the first frame is tracked.)
+- Frames stream. RGB frames are pulled from the caller's iterator and preprocessed exactly as sam2's JPEG
+  loader does, at most `prefetch` frames ahead of the model (in a helper thread when a core is free); the
+  model reads them through sam2's own `images[t]` access, and a frame is released as soon as the model has
+  moved past it. (sam2's `init_state` loads and preprocesses the whole video before tracking its first frame.)
 - State is pruned. After each frame every non-conditioning output the model can no longer read is dropped:
   frame t+1 reads at most the last `num_maskmem - 1` memory frames (every r-th, r =
   `memory_temporal_stride_for_eval`) and the last `max_obj_ptrs_in_encoder - 1` object pointers, and what it
@@ -18,15 +18,22 @@ in frame order, from the first prompt frame to the end. What differs is how the 
   (the layout of sam2's older batched predictor). With `object_batch=1` every model call is the one sam2's
   per-object predictor makes, so masks are bit-identical to it; larger batches sum matrix products in
   another order and agree to within float rounding (tests/test_track.py).
+- Objects prompted on a later frame than others have no mask (and a NaN score) before their prompt frame.
+  (sam2's predictor tracks them from the memory of their future prompt, and on CPU fails doing so: with no
+  object pointer in the past its memory attention gets bfloat16 memories alone and raises a dtype error.)
 - Nothing is done twice: sam2's `add_new_mask` consolidates every object's mask at video resolution after
   each prompt (quadratic in objects, and never read by tracking); here each prompt costs one decoder pass and
   one memory encoding, and each frame one upsampling of all objects' masks to video resolution.
 
-The model runs in the caller's thread and decoding in one helper thread that does no torch arithmetic (numpy
-and PIL only). Why: torch's OpenMP runtime (libgomp) gives every thread that runs a parallel op its own
-worker pool, and once more pool threads exist than cores it stops spinning between parallel regions; measured
-on a 2-core CPU, sam2's per-object propagation ran 1.7x slower in a second thread than in the main thread.
-To overlap writing masks with the next frame's compute, consume the stream with `write_behind`.
+Threads. The model runs in the caller's thread. Torch's OpenMP runtime (libgomp) gives every thread that runs
+a parallel op its own worker pool and stops spinning between parallel regions once there are more pool threads
+than cores: measured on a 2-core CPU, sam2's per-object propagation ran 1.7x slower in a second thread than
+in the main thread, so the helper threads here do no torch arithmetic (decoding is PIL and numpy). And
+2-thread torch on 2 cores collapses when anything else takes a core (measured: 1.84 -> 0.18 fps at 512
+while another process used one core), so decoding ahead and writing behind (`write_behind`) run in helper
+threads only where a core is free for them (`spare_core`: always beside a GPU); else they run between the
+model's frames, in its thread, which costs the same CPU time without stalling it (measured on a quiet
+2-core CPU: fps within 1% either way).
 
 The per-frame math is sam2's own (`_run_single_frame_inference`, `_run_memory_encoder`,
 `_get_orig_video_res_output` of SAM2VideoPredictor); this module owns only the state around it, built fresh
@@ -55,14 +62,16 @@ __all__ = ["TrackOptions", "TrackStats", "Tracking", "track", "write_behind", "d
            "oldest_readable_frame", "memory_window", "preprocess_frame_numpy", "MediaEnded"]
 
 AUTOCAST_MODES = ("auto", "bf16", "fp16", "off")
+_NO_OBJECT_LOGIT = -1024.0  # sam2's NO_OBJ_SCORE: the mask logit of an object that is not there
 
 # --- the object-batch rule -------------------------------------------------------------------------------
-# Peak memory per object of one batched tracking step (memory attention, mask decoder, memory encoder, and the
-# object's share of the retained state), in bytes per model-input pixel (image_size ** 2). Measured on CPU in
-# float32 with random SAM 2.1 tiny: peak RSS of batched steps at 1, 4 and 8 objects, slope per object, at image
-# sizes 256 and 512 (`python benchmarks/bench_propagation.py --measure-object-memory` prints it). Float32 on CPU
-# bounds a GPU step from above: bf16 halves activations, and CUDA's fused attention never holds the
-# attention matrix.
+# Memory per object of one batched tracking step, in bytes per model-input pixel (image_size ** 2). Measured
+# on CPU in float32 with random SAM 2.1 tiny (2026-11-22, torch 2.14.1, sam2 1.1.0): the peak of the tensors
+# one step creates (memory attention, mask decoder, memory encoder and the upsampling of the masks to a 640x480
+# video), at 1, 2 and 4 objects on the 9th frame (memory bank full), slope per object: 133 bytes at image size
+# 256, 131 at 512 (`python benchmarks/bench_propagation.py --measure-object-memory` repeats it). Add the
+# object's retained state, 16 frames of outputs at 0.75 bytes per pixel (12), and about 10% margin: 160.
+# Float32 on CPU bounds a GPU step from above: bf16 halves most activations.
 BYTES_PER_OBJECT_PIXEL = 160
 # Share of the free device memory the object batch may take; the rest is left for the frame's backbone
 # activations, the cached features, the frame's masks at video resolution and the allocator's slack.
@@ -104,6 +113,8 @@ class TrackOptions:
     tf32: bool = True  # TF32 matmuls and convolutions on CUDA GPUs that have them (compute capability >= 8)
     compile: bool = False  # torch.compile the model's parts as sam2's vos_optimized predictor does
     mask_threshold: float = 0.0  # logits above this are foreground in the yielded masks
+    # decode and preprocess in a helper thread; None: when the model leaves a CPU core free (`spare_core`)
+    decode_thread: bool | None = None
 
     def __post_init__(self) -> None:
         if self.object_batch is not None and self.object_batch < 1:
@@ -130,6 +141,7 @@ class TrackStats:
     frames_pulled: int = 0  # frames taken from the caller's iterator
     max_frames_alive: int = 0  # most preprocessed frames in memory at once (queue, model, sam2's feature cache)
     max_frames_ahead: int = 0  # most frames pulled beyond those yielded
+    decode_thread: bool = False  # whether frames were decoded in a helper thread
 
 
 def oldest_readable_frame(model, frame: int, num_frames: int) -> int:
@@ -169,6 +181,13 @@ def resolve_autocast(mode: str, device: torch.device) -> str:
     if mode == "fp16" and device.type != "cuda":
         raise ValueError(f"autocast='fp16' needs a CUDA device, the model is on {device}; use 'bf16' or 'off'")
     return mode
+
+
+def spare_core(device: torch.device) -> bool:
+    """Whether decoding in a helper thread can overlap the model's work: on a GPU, or when torch's threads
+    leave a CPU core free. Measured on a 2-core CPU with torch on both cores: a helper thread slowed the
+    model's arithmetic by more than the decoding it took off the model's thread."""
+    return device.type == "cuda" or torch.get_num_threads() < (os.cpu_count() or 1)
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -262,38 +281,44 @@ class _AliveCounter:
             self._alive -= 1
 
 
-def _prefetch(frames: Iterable[np.ndarray], start: int, num_frames: int, image_size: int, pin: bool,
-              out: queue.Queue, stop: threading.Event, stats: TrackStats, alive: _AliveCounter) -> None:
-    """Pull frames 0..num_frames-1 from the caller's iterator (never more) and preprocess those from `start`."""
+def _produce(frames: Iterable[np.ndarray], start: int, num_frames: int, image_size: int, pin: bool,
+             stats: TrackStats, alive: _AliveCounter) -> Iterator:
+    """(t, preprocessed frame) for t = start..num_frames-1, pulling frames 0..num_frames-1 from the caller's
+    iterator (never more); ends with _Ended(t) if the iterator runs out first."""
+    it = iter(frames)
+    for t in range(num_frames):
+        try:
+            rgb = next(it)
+        except StopIteration:
+            yield _Ended(t)
+            return
+        stats.frames_pulled = t + 1
+        stats.max_frames_ahead = max(stats.max_frames_ahead, t + 1 - stats.frames)
+        if t < start:
+            continue  # before the first prompt: never tracked, so never preprocessed
+        image = preprocess_frame_numpy(rgb, image_size, pin_memory=pin)
+        del rgb
+        alive.track(image)
+        yield t, image
+        del image
+
+
+def _prefetch(produce: Iterator, out: queue.Queue, stop: threading.Event) -> None:
+    """Run the producer in the helper thread, at most the queue's size ahead of the model."""
     try:
-        it = iter(frames)
-        for t in range(num_frames):
-            if stop.is_set():
+        for item in produce:
+            if not _put(out, item, stop):
                 return
-            try:
-                rgb = next(it)
-            except StopIteration:
-                _put(out, _Ended(t), stop)
-                return
-            stats.frames_pulled = t + 1
-            stats.max_frames_ahead = max(stats.max_frames_ahead, t + 1 - stats.frames)
-            if t < start:
-                continue  # before the first prompt: never tracked, so never preprocessed
-            image = preprocess_frame_numpy(rgb, image_size, pin_memory=pin)
-            del rgb
-            alive.track(image)
-            if not _put(out, (t, image), stop):
-                return
-            del image
     except BaseException as e:  # noqa: BLE001 - carried to the caller's thread and raised there
         _put(out, _Failure(e), stop)
 
 
 class _FrameFeed:
-    """sam2's `images[t]`: frames taken from the prefetch queue in order; `release_before` drops old ones."""
+    """sam2's `images[t]`: frames taken in order from the prefetch queue (or, without a decode thread, from
+    the producer directly); `release_before` drops old ones."""
 
-    def __init__(self, q: queue.Queue, num_frames: int, device: torch.device):
-        self._q = q
+    def __init__(self, source: queue.Queue | Iterator, num_frames: int, device: torch.device):
+        self._next_item = source.get if isinstance(source, queue.Queue) else source.__next__
         self._n = num_frames
         self._device = device
         self._held: dict[int, torch.Tensor] = {}
@@ -309,7 +334,7 @@ class _FrameFeed:
                 raise IndexError(f"frame {t} was already released (frames are streamed in order)")
             if self._ended is not None:
                 raise MediaEnded(f"the media ended at frame {self._ended.count}, expected {self._n} frames")
-            item = self._q.get()
+            item = self._next_item()
             if isinstance(item, _Failure):
                 raise item.error
             if isinstance(item, _Ended):
@@ -336,6 +361,7 @@ class _Batch:
     """Objects tracked together: their positions in object order, and their stacked sam2 output dict."""
 
     objects: list[int]
+    first_frame: int  # the batch's first prompt frame: before it its objects are not tracked yet
     output_dict: dict = field(default_factory=lambda: {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}})
 
 
@@ -463,7 +489,7 @@ class _Engine:
         batches = []
         for prompt_frames, members in groups.items():
             for i in range(0, len(members), size):
-                batch = _Batch(members[i:i + size])
+                batch = _Batch(members[i:i + size], first_frame=prompt_frames[0])
                 for f in prompt_frames:
                     per_object = [cond[self.object_ids[m]].pop(f) for m in batch.objects]
                     batch.output_dict["cond_frame_outputs"][f] = _stack_outputs(per_object, state["constants"])
@@ -493,6 +519,12 @@ class _Engine:
         pred_masks, scores = [], []
         for batch in batches:
             od = batch.output_dict
+            if t < batch.first_frame:  # not prompted yet: no mask, no score
+                low_res = self.model.image_size // 4
+                pred_masks.append(torch.full((len(batch.objects), 1, low_res, low_res), _NO_OBJECT_LOGIT,
+                                             dtype=torch.float32, device=self.device))
+                scores.append(torch.full((len(batch.objects), 1), float("nan"), device=self.device))
+                continue
             current = od["cond_frame_outputs"].get(t)
             if current is not None:
                 masks = current["pred_masks"].to(self.device, non_blocking=True)
@@ -535,6 +567,7 @@ class Tracking(Iterator[FrameMasks]):
     def __init__(self, engine: _Engine | None, frames: Iterable[np.ndarray], stats: TrackStats,
                  options: TrackOptions):
         self.stats = stats
+        self.device = engine.device if engine is not None else None  # the model's device
         self._restore: list = []  # (setter, old value) of global flags to put back when done
         self._gen = self._generate(engine, frames, options) if engine is not None else iter(())
 
@@ -566,20 +599,29 @@ class Tracking(Iterator[FrameMasks]):
                                               torch.backends.cudnn.allow_tf32)))
             _set_tf32((True, True))
             self.stats.tf32 = True
+        produce = _produce(frames, engine.start, engine.num_frames, engine.model.image_size,
+                           device.type == "cuda", self.stats, _AliveCounter(self.stats))
         stop = threading.Event()
-        frames_q: queue.Queue = queue.Queue(maxsize=options.prefetch)
-        prefetch = threading.Thread(
-            target=_prefetch, name="masklet-prefetch", daemon=True,
-            args=(frames, engine.start, engine.num_frames, engine.model.image_size, device.type == "cuda",
-                  frames_q, stop, self.stats, _AliveCounter(self.stats)))
-        prefetch.start()
+        decode_thread = options.decode_thread if options.decode_thread is not None else spare_core(device)
+        self.stats.decode_thread = decode_thread
+        if decode_thread:
+            frames_q: queue.Queue = queue.Queue(maxsize=options.prefetch)
+            prefetch = threading.Thread(target=_prefetch, name="masklet-prefetch", daemon=True,
+                                        args=(produce, frames_q, stop))
+            prefetch.start()
+            feed = _FrameFeed(frames_q, engine.num_frames, device)
+        else:
+            prefetch = None
+            feed = _FrameFeed(produce, engine.num_frames, device)
         try:
-            for fm in engine.frames(_FrameFeed(frames_q, engine.num_frames, device)):
+            for fm in engine.frames(feed):
                 self.stats.frames += 1
                 yield fm
         finally:
             stop.set()
-            prefetch.join()
+            if prefetch is not None:
+                prefetch.join()
+            produce.close()
             self._restore_flags()
 
 
@@ -612,16 +654,27 @@ def track(
 _DONE = object()
 
 
-def write_behind(stream: Iterable[FrameMasks], write: Callable[[FrameMasks], None], depth: int = 2) -> int:
+def write_behind(stream: Iterable[FrameMasks], write: Callable[[FrameMasks], None], depth: int = 2,
+                 thread: bool | None = None) -> int:
     """Iterate `stream` here (the model runs in this thread) and call `write` on each FrameMasks in a writer
-    thread, at most `depth` frames behind, so frame t is written while frame t+1 is computed. Returns the
-    number of frames written.
+    thread, at most `depth` frames behind, so that frame t is written while frame t+1 is computed. Returns
+    the number of frames written. `thread=None`: a writer thread when the model leaves a core free
+    (`spare_core` of the stream's device), else the writes run here, between frames.
 
     A write error stops the stream and is raised here; an error from the stream (e.g. MediaEnded) is raised
-    after every earlier frame has been written. `write` should do no torch arithmetic (see the module's
+    after every earlier frame was written. `write` should do no torch arithmetic (see the module's
     docstring): numpy, Zarr and Parquet are fine."""
     if depth < 1:
         raise ValueError(f"depth={depth} must be >= 1")
+    if thread is None:
+        device = getattr(stream, "device", None)
+        thread = spare_core(device if device is not None else torch.device("cpu"))
+    if not thread:
+        written = 0
+        for fm in stream:
+            write(fm)
+            written += 1
+        return written
     q: queue.Queue = queue.Queue(maxsize=depth)
     failed: list[BaseException] = []
     written = 0
@@ -640,8 +693,8 @@ def write_behind(stream: Iterable[FrameMasks], write: Callable[[FrameMasks], Non
             except BaseException as e:  # noqa: BLE001 - raised in the caller's thread below
                 failed.append(e)
 
-    thread = threading.Thread(target=writer, name="masklet-writer", daemon=True)
-    thread.start()
+    worker = threading.Thread(target=writer, name="masklet-writer", daemon=True)
+    worker.start()
     try:
         for fm in stream:
             if failed:
@@ -649,14 +702,14 @@ def write_behind(stream: Iterable[FrameMasks], write: Callable[[FrameMasks], Non
             q.put(fm)
     except BaseException as stream_error:
         q.put(_DONE)
-        thread.join()
+        worker.join()
         if failed:
             raise failed[0] from stream_error
         raise
     q.put(_DONE)
-    thread.join()
-    close = getattr(stream, "close", None)
+    worker.join()
     if failed:
+        close = getattr(stream, "close", None)
         if close is not None:
             close()
         raise failed[0]
