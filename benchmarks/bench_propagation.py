@@ -57,6 +57,7 @@ from pipeline.stages.track import TrackOptions, resolve_autocast, track, write_b
 from pipeline.store.masks import MaskWriter  # noqa: E402
 
 MiB = 1024 * 1024
+QUIET_CORES = 0.1  # a speed run during which other processes used more CPU than this is run again
 
 
 # --- measuring -----------------------------------------------------------------------------------------------
@@ -230,6 +231,10 @@ class FlowResult:
     @property
     def fps(self) -> float:
         return self.frames / self.seconds
+
+    @property
+    def quiet(self) -> bool:
+        return self.others_cores is None or self.others_cores <= QUIET_CORES
 
     @property
     def model_share(self) -> float:
@@ -483,14 +488,22 @@ def measure_object_memory(args) -> None:
 # --- main ----------------------------------------------------------------------------------------------------
 
 
+FULL = {"image_size": 512, "objects": [1, 8, 32], "lengths": [60, 480]}
+QUICK = {"image_size": 256, "objects": [1, 8], "lengths": [24, 96]}
+
+
 def parse_args(argv=None):
+    quick = "--quick" in (sys.argv[1:] if argv is None else argv)
+    defaults = QUICK if quick else FULL  # --quick changes the defaults; explicit options still win
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--image-size", type=int, default=512)
-    ap.add_argument("--objects", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--lengths", type=int, nargs="+", default=[60, 480])
+    ap.add_argument("--image-size", type=int, default=defaults["image_size"])
+    ap.add_argument("--objects", type=int, nargs="+", default=defaults["objects"])
+    ap.add_argument("--lengths", type=int, nargs="+", default=defaults["lengths"])
     ap.add_argument("--fps-frames", type=int, default=12, help="frames of the speed runs")
     ap.add_argument("--repeats", type=int, default=2, help="speed runs per flow and object count (fastest kept)")
+    ap.add_argument("--max-repeats", type=int, default=4,
+                    help="runs per flow at most, when other processes disturbed the first ones")
     ap.add_argument("--memory-objects", type=int, default=1, help="objects of the peak-memory runs")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--model", default="sam2.1_hiera_tiny")
@@ -506,10 +519,7 @@ def parse_args(argv=None):
     ap.add_argument("--child", choices=["plain", "pipeline"], help=argparse.SUPPRESS)
     ap.add_argument("--child-folder", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.image_size, args.lengths, args.objects = 256, [24, 96], [1, 8]
-    return args
+    return ap.parse_args(argv)
 
 
 def _fmt_cores(c: float | None) -> str:
@@ -565,7 +575,11 @@ def main(argv=None) -> None:
                 np.array_equal(a, b) for a, b in zip(plain_prompt, pipe_prompt))
             amg_count = len(pipe_prompt)
             runs = {"plain": [], "pipeline": []}
-            for rep in range(args.repeats):  # alternate which flow goes first, keep each flow's fastest run
+            rep = 0
+            # Alternate which flow goes first; a run during which other processes used more than
+            # QUIET_CORES is run again, up to --max-repeats runs per flow.
+            while rep < args.max_repeats and (rep < args.repeats or not all(
+                    any(r.quiet for r in runs[flow]) for flow in runs)):
                 order = ("plain", "pipeline") if rep % 2 == 0 else ("pipeline", "plain")
                 for flow in order:
                     with OthersCPU() as others:
@@ -579,10 +593,13 @@ def main(argv=None) -> None:
                     runs[flow].append(r)
                     print(f"  speed, {n} objects, {flow}: {r.fps:.3f} fps, model share {r.model_share:.1%}, "
                           f"others {_fmt_cores(r.others_cores)} cores", flush=True)
-            plain = max(runs["plain"], key=lambda r: r.fps)
-            pipe = max(runs["pipeline"], key=lambda r: r.fps)
+                rep += 1
+            plain = max(runs["plain"], key=lambda r: (r.quiet, r.fps))  # the fastest quiet run
+            pipe = max(runs["pipeline"], key=lambda r: (r.quiet, r.fps))
             agree = compare_masks(runs["plain"][0].array, runs["pipeline"][0].array)
-            rows.append((n, amg_count, same_prompts, plain_amg_s, pipe_amg_s, plain, pipe, agree))
+            rows.append((n, amg_count, same_prompts, plain_amg_s, pipe_amg_s, plain, pipe, agree,
+                         " / ".join(f"{r.fps:.3f}" for r in runs["plain"]) + " vs "
+                         + " / ".join(f"{r.fps:.3f}" for r in runs["pipeline"])))
             print(f"  speed, {n} objects: plain {plain.fps:.3f} fps, pipeline {pipe.fps:.3f} fps "
                   f"(object batch {pipe.extra['object_batch']}), masks {agree}", flush=True)
 
@@ -598,19 +615,20 @@ def main(argv=None) -> None:
         # --- the table ---
         print()
         print(f"## Speed: {args.fps_frames} frames at image size {model.image_size}, both flows in one process "
-              f"after a warm-up, {args.repeats} run(s) each in alternating order, the fastest kept")
+              f"after a warm-up, {args.repeats} runs each in alternating order (more, up to {args.max_repeats}, "
+              f"while other processes used over {QUIET_CORES} cores), the fastest undisturbed run kept")
         print("fps = frames / seconds from state creation to the last mask written (AMG timed apart); model share "
               "= time inside forward_image + track_step + memory encoder / that wall time; 'others' = cores used "
               "by other processes meanwhile")
         print(f"| objects | prompts (AMG+grid) | plain fps | pipeline fps | ratio | plain model share | "
-              f"pipeline model share | AMG s plain / pipeline | masks | others plain / pipeline |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        for n, amg_count, same, pa, pp, plain, pipe, agree in rows:
+              f"pipeline model share | AMG s plain / pipeline | masks | others plain / pipeline | runs |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for n, amg_count, same, pa, pp, plain, pipe, agree, all_runs in rows:
             used = min(amg_count, n)
             prompts = f"{used}+{n - used}" + ("" if same else " (AMGs differ!)")
             print(f"| {n} | {prompts} | {plain.fps:.3f} | {pipe.fps:.3f} | {pipe.fps / plain.fps:.2f}x | "
                   f"{plain.model_share:.1%} | {pipe.model_share:.1%} | {pa:.1f} / {pp:.1f} | {agree} | "
-                  f"{_fmt_cores(plain.others_cores)} / {_fmt_cores(pipe.others_cores)} |")
+                  f"{_fmt_cores(plain.others_cores)} / {_fmt_cores(pipe.others_cores)} | {all_runs} |")
         what = ("peak RSS (VmHWM, reset once the model is built: building it peaks higher than tracking a small "
                 "model does; 'at start' is the RSS then)" if model.device.type == "cpu"
                 else "torch.cuda.max_memory_allocated, reset once the model is built ('at start': allocated then)")
@@ -637,8 +655,8 @@ def main(argv=None) -> None:
 
         print()
         print("## Targets" + (" (CPU)" if model.device.type == "cpu" else ""))
-        fps_ok = all(pipe.fps >= plain.fps for *_, plain, pipe, _ in rows)
-        share = min(pipe.model_share for *_, pipe, _ in rows)
+        fps_ok = all(pipe.fps >= plain.fps for *_, plain, pipe, _, _ in rows)
+        share = min(pipe.model_share for *_, pipe, _, _ in rows)
         checks = [
             ("pipeline fps >= plain fps at every object count", fps_ok),
             (f"pipeline peak at {hi} frames within 10% of its peak at {lo}", abs(growth["pipeline"]) <= 0.10),

@@ -208,9 +208,9 @@ def test_decoding_in_the_models_thread_gives_the_same_masks(model, clip, eight_o
 
 
 def test_helper_threads_only_where_a_core_is_free(monkeypatch):
-    monkeypatch.setattr(track_mod.os, "cpu_count", lambda: torch.get_num_threads())
+    monkeypatch.setattr(track_mod, "usable_cores", lambda: torch.get_num_threads())
     assert not track_mod.spare_core(torch.device("cpu"))
-    monkeypatch.setattr(track_mod.os, "cpu_count", lambda: torch.get_num_threads() + 1)
+    monkeypatch.setattr(track_mod, "usable_cores", lambda: torch.get_num_threads() + 1)
     assert track_mod.spare_core(torch.device("cpu"))
     assert track_mod.spare_core(torch.device("cuda"))
 
