@@ -150,7 +150,7 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models) 
             stream = track(model, itertools.chain([first], frames), num_frames, height, width, prompts,
                            source.source_frames, models.track_options())
 
-            def write(fm: FrameMasks) -> None:  # runs in the writer thread, overlapping the next frame
+            def write(fm: FrameMasks) -> None:  # in a writer thread beside the model where a core is free
                 nonlocal seconds_write
                 t_w = time.perf_counter()
                 writer.write(fm)
