@@ -620,8 +620,8 @@ def main(argv=None) -> None:
         print("fps = frames / seconds from state creation to the last mask written (AMG timed apart); model share "
               "= time inside forward_image + track_step + memory encoder / that wall time; 'others' = cores used "
               "by other processes meanwhile")
-        print(f"| objects | prompts (AMG+grid) | plain fps | pipeline fps | ratio | plain model share | "
-              f"pipeline model share | AMG s plain / pipeline | masks | others plain / pipeline | runs |")
+        print("| objects | prompts (AMG+grid) | plain fps | pipeline fps | ratio | plain model share | "
+              "pipeline model share | AMG s plain / pipeline | masks | others plain / pipeline | runs |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         for n, amg_count, same, pa, pp, plain, pipe, agree, all_runs in rows:
             used = min(amg_count, n)

@@ -84,10 +84,6 @@ def _committed(paths: RunPaths, shard_id: int, item_id: str) -> bool:
     return item_id in open_run(paths.root).items["item_id"].to_pylist()
 
 
-def _starts(paths: RunPaths, task_id: str) -> int:
-    return slurm.task_output(paths, task_id).count("Starting with JobEnvironment")
-
-
 def _state(task_id: str) -> str:
     return slurm.scheduler_states([task_id]).get(task_id, "UNKNOWN")
 
@@ -110,12 +106,17 @@ def interrupted_run(manifest, run_args, local_reference):
         subprocess.run(["scancel", "--signal=USR2", task], check=True, timeout=30)
         wait_for(lambda: "Requeued job" in slurm.task_output(paths, task), "submitit to requeue on USR2")
         # 2. Restarted and inside the item again: a plain requeue, no signal (killed, restarted from scratch).
-        wait_for(lambda: _staged(paths, LONG) - first_stage, f"{LONG} to start again after the USR2 requeue")
+        second_stage = wait_for(lambda: _staged(paths, LONG) - first_stage,
+                                f"{LONG} to start again after the USR2 requeue")
         events["committed_at_requeue"] = _committed(paths, 0, LONG)
         subprocess.run(["scontrol", "requeue", task], check=True, timeout=30)
-        # 3. Running a third time: cancel the run, then resume it.
-        wait_for(lambda: _starts(paths, task) >= 3, "the third start of the task")
+        # 3. Inside the item a third time (shard 1 is long done by then): cancel the run, then resume it.
+        # Cancel on the item's staging, not on the task's start: a fast machine finishes the short item
+        # between a start and a poll.
         wait_for(lambda: shard_status(plan, 1).pending == 0, "shard 1 to finish")
+        wait_for(lambda: _staged(paths, LONG) - first_stage - second_stage,
+                 f"{LONG} to start a third time after the plain requeue")
+        events["committed_at_cancel"] = _committed(paths, 0, LONG)
         assert main(["cancel", str(out)]) == 0
         wait_for(lambda: _state(task) not in slurm.ACTIVE_STATES, f"task {task} to end after the cancel")
         events["state_after_cancel"] = _state(task)
@@ -149,6 +150,7 @@ def test_outputs_equal_an_uninterrupted_local_run(interrupted_run, local_referen
 def test_each_interruption_hit_the_long_item_in_flight(interrupted_run):
     _, events = interrupted_run
     assert events["committed_at_usr2"] is False and events["committed_at_requeue"] is False
+    assert events["committed_at_cancel"] is False
     log = events["log"]
     assert "Caught signal SIGUSR2" in log and "Calling checkpoint method" in log and "Requeued job" in log
     assert log.count("Starting with JobEnvironment") >= 3  # first start, after USR2, after scontrol requeue

@@ -23,9 +23,9 @@ from pipeline.config import ModelConfig
 from pipeline.records import FrameMasks, Prompt
 from pipeline.samples import make_frame_folder
 from pipeline.stages.models import MODEL_SPECS, load_model
-from pipeline.stages.propagate import MediaEnded, preprocess_frame
 from pipeline.stages.track import (
-    TrackOptions, default_object_batch, memory_window, preprocess_frame_numpy, track, write_behind,
+    MediaEnded, TrackerState, TrackOptions, default_object_batch, memory_window, preprocess_frame_numpy, track,
+    write_behind,
 )
 from tests.conftest import IMAGE_SIZE, THREADS
 
@@ -197,6 +197,54 @@ def test_state_and_frames_stay_bounded(model, unbatched):
     assert stats.decode_thread and frames.threads == {"masklet-prefetch"}
 
 
+def test_slimming_one_frame_early_breaks_tracking(model, clip, eight_objects, monkeypatch):
+    """Past the memory window only object pointers are kept; keeping one frame's memory less than the model
+    reads makes sam2 fail, so the comparisons above also prove the slimming rule exact."""
+    exact = track_mod.oldest_memory_frame
+    monkeypatch.setattr(track_mod, "oldest_memory_frame", lambda m, f: exact(m, f) + 1)
+    with pytest.raises(KeyError, match="maskmem_features"):
+        _run(model, clip, eight_objects[:1], TrackOptions(object_batch=1), num_frames=12)
+
+
+RESUME_AT = 24  # past the 15-frame window: the saved state holds pruned and slimmed outputs
+
+
+def _through_disk(state: TrackerState, path: Path) -> TrackerState:
+    torch.save(state.payload(), path)
+    return TrackerState.from_payload(torch.load(path, weights_only=True, map_location="cpu"))
+
+
+@pytest.mark.parametrize("object_batch", [1, 2])
+def test_resuming_from_a_saved_state_gives_the_same_masks(model, clip, eight_objects, tmp_path, object_batch):
+    prompts = eight_objects[:3]  # object_batch 2: one batch of 2 and one of 1
+    want, _, _, _ = _run(model, clip, prompts, TrackOptions(object_batch=object_batch))
+    stream = track(model, _CountingFrames(clip), FRAMES, HEIGHT, WIDTH, prompts, list(range(FRAMES)),
+                   TrackOptions(object_batch=object_batch))
+    for fm in stream:
+        if fm.frame == RESUME_AT - 1:
+            saved = _through_disk(stream.snapshot(), tmp_path / "state.pt")
+            break
+    stream.close()
+    assert saved.next_frame == RESUME_AT and len(saved.batches) == (3 if object_batch == 1 else 2)
+    for b in saved.batches:  # bounded: the window's outputs, memories only within the memory window
+        non_cond = b["output_dict"]["non_cond_frame_outputs"]
+        assert len(non_cond) == memory_window(model.predictor, FRAMES)
+        with_memory = [f for f, out in non_cond.items() if "maskmem_features" in out]
+        assert len(with_memory) == model.predictor.num_maskmem - 1
+        assert all("pred_masks" not in out for out in non_cond.values())
+    frames = _CountingFrames(clip)
+    resumed = track(model, frames, FRAMES, HEIGHT, WIDTH, prompts, list(range(FRAMES)),
+                    TrackOptions(object_batch=object_batch), resume=saved)
+    got = list(resumed)
+    assert [fm.frame for fm in got] == list(range(RESUME_AT, FRAMES))
+    for fm in got:
+        np.testing.assert_array_equal(fm.masks, want[fm.frame].masks, err_msg=f"frame {fm.frame}")
+        np.testing.assert_array_equal(fm.object_scores, want[fm.frame].object_scores)
+    assert resumed.stats.frames == FRAMES - RESUME_AT and frames.pulled == FRAMES
+    with pytest.raises(ValueError, match="another item or run"):
+        track(model, iter(()), FRAMES, HEIGHT, WIDTH, eight_objects[:2], list(range(FRAMES)), resume=saved)
+
+
 def test_decoding_in_the_models_thread_gives_the_same_masks(model, clip, eight_objects, unbatched):
     """Without a spare core frames are decoded between the model's frames: one frame ahead at most."""
     got, stats, frames, ahead = _run(model, clip, eight_objects[:1], TrackOptions(decode_thread=False),
@@ -279,13 +327,18 @@ def test_bad_prompts_are_refused_before_any_work(model):
         TrackOptions(object_batch=0)
 
 
-def test_numpy_preprocessing_is_bit_identical_to_propagates():
-    rng = np.random.default_rng(0)
+def test_numpy_preprocessing_is_bit_identical_to_sam2s_loader(tmp_path):
+    from sam2.utils.misc import load_video_frames_from_jpg_images
+
     for h, w, size in [(120, 160, 256), (481, 641, 512), (37, 53, 64)]:
-        rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        a, b = preprocess_frame(rgb, size), preprocess_frame_numpy(rgb, size)
-        assert a.dtype == b.dtype and a.shape == b.shape
-        assert torch.equal(a, b)
+        folder = make_frame_folder(tmp_path / f"{h}x{w}", frames=2, width=w, height=h, ext="jpg", seed=h)
+        want, _, _ = load_video_frames_from_jpg_images(folder, size, offload_video_to_cpu=True,
+                                                       compute_device=torch.device("cpu"))
+        for t, name in enumerate(sorted(os.listdir(folder))):
+            rgb = np.array(Image.open(os.path.join(folder, name)).convert("RGB"))
+            got = preprocess_frame_numpy(rgb, size)
+            assert got.dtype == want.dtype and got.shape == want[t].shape
+            assert torch.equal(got, want[t]), (h, w, size, t)
 
 
 def test_default_object_batch_rule():

@@ -1,8 +1,8 @@
 """The propagation engine: SAM 2 tracking of prompted masks with memory bounded in video length, objects in
 batches sized to the device, and decoding ahead of the model.
 
-Same contract as `propagate()` (pipeline/stages/propagate.py): `track(...)` yields one `FrameMasks` per frame,
-in frame order, from the first prompt frame to the end. What differs is how the work is laid out:
+`track(...)` yields one `FrameMasks` per frame, in frame order, from the first prompt frame to the end, with the
+masks sam2's SAM2VideoPredictor gives for the same prompts. What differs is how the work is laid out:
 
 - Frames stream. RGB frames are pulled from the caller's iterator and preprocessed exactly as sam2's JPEG
   loader does, at most `prefetch` frames ahead of the model (in a helper thread when a core is free); the
@@ -11,8 +11,12 @@ in frame order, from the first prompt frame to the end. What differs is how the 
 - State is pruned. After each frame every non-conditioning output the model can no longer read is dropped:
   frame t+1 reads at most the last `num_maskmem - 1` memory frames (every r-th, r =
   `memory_temporal_stride_for_eval`) and the last `max_obj_ptrs_in_encoder - 1` object pointers, and what it
-  cannot read no later frame can (`oldest_readable_frame`). Conditioning (prompt) outputs always stay.
-  (sam2's predictor keeps every frame's outputs to the end of the video.)
+  cannot read no later frame can (`oldest_readable_frame`). What is kept is slimmed too: a frame's low-res
+  masks are never read again, and past the memory window (`oldest_memory_frame`) only the object pointer is.
+  Conditioning (prompt) outputs always stay. (sam2's predictor keeps every frame's outputs to the end.)
+- State can be saved. Between frames `Tracking.snapshot()` gives the engine's whole state (a few frames'
+  memories per object, see above) as plain tensors; `track(..., resume=state)` goes on from it with the same
+  masks as an uninterrupted run. The worker saves it at chunk boundaries of long videos (pipeline/store/partial.py).
 - Objects are batched. Objects with the same prompt frames go through memory attention, the mask decoder and
   the memory encoder together, `object_batch` at a time, their memories stacked along sam2's batch dimension
   (the layout of sam2's older batched predictor). With `object_batch=1` every model call is the one sam2's
@@ -56,10 +60,9 @@ from PIL import Image
 
 from pipeline.records import FrameMasks, Prompt
 from pipeline.stages.models import LoadedModel
-from pipeline.stages.propagate import MediaEnded
 
-__all__ = ["TrackOptions", "TrackStats", "Tracking", "track", "write_behind", "default_object_batch",
-           "oldest_readable_frame", "memory_window", "preprocess_frame_numpy", "MediaEnded"]
+__all__ = ["TrackOptions", "TrackStats", "TrackerState", "Tracking", "track", "write_behind", "default_object_batch",
+           "oldest_readable_frame", "oldest_memory_frame", "memory_window", "preprocess_frame_numpy", "MediaEnded"]
 
 AUTOCAST_MODES = ("auto", "bf16", "fp16", "off")
 _NO_OBJECT_LOGIT = -1024.0  # sam2's NO_OBJ_SCORE: the mask logit of an object that is not there
@@ -144,20 +147,64 @@ class TrackStats:
     decode_thread: bool = False  # whether frames were decoded in a helper thread
 
 
-def oldest_readable_frame(model, frame: int, num_frames: int) -> int:
-    """The oldest earlier frame whose non-conditioning output tracking `frame` (forward in time) can read.
+@dataclass
+class TrackerState:
+    """Everything the engine needs to go on at `next_frame` as if it had never stopped: the object batches
+    with their conditioning and still-readable outputs, sam2's cached constants and the object order. Made by
+    `Tracking.snapshot()` between frames; `track(..., resume=state)` continues from it. `payload()` is plain
+    dicts, lists, ints and CPU tensors, so torch.save / torch.load(weights_only=True) round-trip it exactly."""
 
-    Mirrors sam2's SAM2Base._prepare_memory_conditioned_features: spatial memories come from frame - 1 and from
-    every r-th frame before it for t_rel = 2 .. num_maskmem - 1; object pointers from the last
-    min(num_frames, max_obj_ptrs_in_encoder) - 1 frames. Conditioning outputs are read from their own dict and
-    are never pruned. Non-decreasing in `frame`: what frame t+1 cannot read, no later frame can.
-    """
+    next_frame: int
+    object_ids: list[int]
+    batches: list[dict]  # {"objects": [positions], "first_frame": int, "output_dict": sam2's output dict}
+    constants: dict
+    order: torch.Tensor | None
+
+    def payload(self) -> dict:
+        return {"next_frame": self.next_frame, "object_ids": list(self.object_ids), "batches": self.batches,
+                "constants": self.constants, "order": self.order}
+
+    @classmethod
+    def from_payload(cls, payload: dict) -> "TrackerState":
+        return cls(int(payload["next_frame"]), [int(o) for o in payload["object_ids"]], payload["batches"],
+                   payload["constants"], payload["order"])
+
+
+def _map_tensors(obj, fn):
+    """A copy of nested dicts/lists/tuples with `fn` applied to every tensor (containers are new, so later
+    changes to the engine's dicts do not reach the copy)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj
+
+
+def oldest_memory_frame(model, frame: int) -> int:
+    """The oldest earlier frame whose spatial memory (maskmem_features) tracking `frame` can read: frame - 1
+    and every r-th frame before it for t_rel = 2 .. num_maskmem - 1 (sam2's
+    SAM2Base._prepare_memory_conditioned_features). Non-decreasing in `frame`."""
     if model.num_maskmem == 0:  # no memory: sam2 skips the fusion altogether
         return frame
     oldest = frame - 1
     if model.num_maskmem >= 3:
         r = model.memory_temporal_stride_for_eval
         oldest = min(oldest, ((frame - 2) // r) * r - (model.num_maskmem - 3) * r)
+    return oldest
+
+
+def oldest_readable_frame(model, frame: int, num_frames: int) -> int:
+    """The oldest earlier frame whose non-conditioning output tracking `frame` (forward in time) can read.
+
+    Spatial memories as `oldest_memory_frame`; object pointers from the last min(num_frames,
+    max_obj_ptrs_in_encoder) - 1 frames. Conditioning outputs are read from their own dict and are never
+    pruned. Non-decreasing in `frame`: what frame t+1 cannot read, no later frame can.
+    """
+    if model.num_maskmem == 0:
+        return frame
+    oldest = oldest_memory_frame(model, frame)
     if model.use_obj_ptrs_in_encoder:
         max_ptrs = min(num_frames, model.max_obj_ptrs_in_encoder)
         if max_ptrs > 1:
@@ -235,7 +282,7 @@ _IMG_STD = np.asarray((0.229, 0.224, 0.225), dtype=np.float32)[:, None, None]
 
 
 def preprocess_frame_numpy(rgb: np.ndarray, image_size: int, pin_memory: bool = False) -> torch.Tensor:
-    """`propagate.preprocess_frame` bit for bit (the same PIL resize, float64 /255, float32 mean/std), computed
+    """sam2's JPEG-folder loader bit for bit (the same PIL resize, float64 /255, float32 mean/std), computed
     with numpy so that the prefetch thread starts no OpenMP pool of torch's (see the module's docstring).
     With `pin_memory` the result is written straight into page-locked memory for an asynchronous GPU copy."""
     resized = np.array(Image.fromarray(rgb).resize((image_size, image_size)))
@@ -245,6 +292,10 @@ def preprocess_frame_numpy(rgb: np.ndarray, image_size: int, pin_memory: bool = 
     out -= _IMG_MEAN
     out /= _IMG_STD
     return image
+
+
+class MediaEnded(IndexError):
+    """The media yielded fewer frames than probed (headers can overstate frame counts)."""
 
 
 class _Ended:
@@ -407,7 +458,8 @@ class _Engine:
     """One item's tracking: prompts checked up front, then `frames(feed)` yields FrameMasks."""
 
     def __init__(self, model: LoadedModel, num_frames: int, height: int, width: int, prompts: list[Prompt],
-                 source_frames: list[int], options: TrackOptions, stats: TrackStats):
+                 source_frames: list[int], options: TrackOptions, stats: TrackStats,
+                 resume: TrackerState | None = None):
         self.model = model
         self.predictor = model.predictor
         self.device = torch.device(self.predictor.device)
@@ -433,6 +485,17 @@ class _Engine:
                                  f"most one mask per frame")
             per_frame[p.frame] = p
         self.start = min(p.frame for p in prompts)
+        self.resume = resume
+        if resume is not None:
+            if resume.object_ids != self.object_ids:
+                raise ValueError(f"the saved tracker state is for objects {resume.object_ids}, the prompts are "
+                                 f"for {self.object_ids}: it belongs to another item or run")
+            if not self.start < resume.next_frame <= num_frames:
+                raise ValueError(f"the saved tracker state goes on at frame {resume.next_frame}, outside "
+                                 f"{self.start + 1}..{num_frames}")
+            self.start = resume.next_frame
+        self.next_frame = self.start
+        self._live: tuple | None = None
 
     def _state(self, feed: _FrameFeed) -> dict:
         """sam2's inference state, reduced to the keys its per-frame methods read."""
@@ -510,22 +573,49 @@ class _Engine:
         return batches, torch.as_tensor(np.argsort(order), device=self.device)
 
     def frames(self, feed: _FrameFeed) -> Iterator[FrameMasks]:
-        """Conditioning outputs first, then every frame from the first prompt frame to the end."""
+        """Conditioning outputs first (or the resumed state), then every frame to the end."""
         self.stats.objects = len(self.object_ids)
         self.stats.memory_window = memory_window(self.predictor, self.num_frames)
         state = self._state(feed)
-        with self._contexts():
-            batches, order = self._batches(self._conditioning_outputs(state), state)
+        if self.resume is not None:
+            batches, order = self._restore(self.resume, state)
+        else:
+            with self._contexts():
+                batches, order = self._batches(self._conditioning_outputs(state), state)
         self.stats.batches = len(batches)
+        self._live = (state, batches, order)
         for t in range(self.start, self.num_frames):
             with self._contexts():
                 fm = self._frame(t, state, feed, batches, order)
+            self.next_frame = t + 1
             yield fm
+
+    def snapshot(self) -> TrackerState:
+        """The state after the last frame yielded; tensors are copied to the CPU (shared where already there)."""
+        if self._live is None:
+            raise RuntimeError("snapshot() is taken between frames, after the first one was yielded")
+        state, batches, order = self._live
+        cpu = lambda t: t.to("cpu")  # noqa: E731
+        return TrackerState(
+            next_frame=self.next_frame, object_ids=list(self.object_ids),
+            batches=[{"objects": list(b.objects), "first_frame": b.first_frame,
+                      "output_dict": _map_tensors(b.output_dict, cpu)} for b in batches],
+            constants=_map_tensors(state["constants"], cpu),
+            order=None if order is None else order.to("cpu"))
+
+    def _restore(self, resume: TrackerState, state: dict) -> tuple[list[_Batch], torch.Tensor | None]:
+        to_device = lambda t: t.to(self.device)  # noqa: E731
+        state["constants"].update(_map_tensors(resume.constants, to_device))
+        batches = [_Batch(list(b["objects"]), int(b["first_frame"]), _map_tensors(b["output_dict"], to_device))
+                   for b in resume.batches]
+        self.stats.object_batch = max(len(b.objects) for b in batches)
+        return batches, None if resume.order is None else resume.order.to(self.device)
 
     def _frame(self, t: int, state: dict, feed: _FrameFeed, batches: list[_Batch],
                order: torch.Tensor | None) -> FrameMasks:
         pred = self.predictor
         oldest = oldest_readable_frame(pred, t + 1, self.num_frames)
+        oldest_memory = oldest_memory_frame(pred, t + 1)
         pred_masks, scores = [], []
         for batch in batches:
             od = batch.output_dict
@@ -543,10 +633,15 @@ class _Engine:
                     inference_state=state, output_dict=od, frame_idx=t, batch_size=len(batch.objects),
                     is_init_cond_frame=False, point_inputs=None, mask_inputs=None, reverse=False,
                     run_mem_encoder=True)
+                current.pop("pred_masks", None)  # the frame's masks are `masks`; no later frame reads them
                 od["non_cond_frame_outputs"][t] = current
             non_cond = od["non_cond_frame_outputs"]
             for old in [f for f in non_cond if f < oldest]:
                 del non_cond[old]
+            # What later frames read of a non-conditioning output: its spatial memory while it is within the
+            # memory window, its object pointer while within the pointer window (longer), never its masks.
+            for f in [f for f in non_cond if f < oldest_memory and len(non_cond[f]) > 1]:
+                non_cond[f] = {"obj_ptr": non_cond[f]["obj_ptr"]}
             self.stats.max_non_cond_retained = max(self.stats.max_non_cond_retained, len(non_cond))
             pred_masks.append(masks)
             scores.append(current["object_score_logits"])
@@ -578,6 +673,7 @@ class Tracking(Iterator[FrameMasks]):
                  options: TrackOptions):
         self.stats = stats
         self.device = engine.device if engine is not None else None  # the model's device
+        self._engine = engine
         self._restore: list = []  # (setter, old value) of global flags to put back when done
         self._gen = self._generate(engine, frames, options) if engine is not None else iter(())
 
@@ -586,6 +682,13 @@ class Tracking(Iterator[FrameMasks]):
 
     def __next__(self) -> FrameMasks:
         return next(self._gen)
+
+    def snapshot(self) -> TrackerState:
+        """The engine's state after the last frame yielded, for `track(..., resume=...)` (see TrackerState).
+        Take it between frames, in the thread that iterates."""
+        if self._engine is None:
+            raise RuntimeError("nothing is tracked (no prompts): there is no state to save")
+        return self._engine.snapshot()
 
     def close(self) -> None:
         """Stop decoding ahead and restore global flags; later `next()` calls raise StopIteration."""
@@ -644,17 +747,22 @@ def track(
     prompts: list[Prompt],
     source_frames: list[int],
     options: TrackOptions = TrackOptions(),
+    resume: TrackerState | None = None,
 ) -> Tracking:
     """Track every prompt's mask from its frame to the end; yields one FrameMasks per frame, in order.
 
     `frames` yields RGB uint8 (H, W, 3) arrays of the item's decoded frames, starting at frame 0. It is read
     from a helper thread, at most `options.prefetch` frames ahead of the model and never past frame
     `num_frames - 1`; if it ends early, MediaEnded is raised after every earlier frame was yielded.
-    `object_scores` are SAM 2's object-presence logits. Bad prompts raise ValueError here, before any work."""
+    `object_scores` are SAM 2's object-presence logits. Bad prompts raise ValueError here, before any work.
+
+    With `resume` (a `Tracking.snapshot()` of an earlier run over the same item, prompts and model), tracking
+    goes on at `resume.next_frame` exactly as the interrupted run would have: `frames` still starts at frame 0
+    (earlier frames are pulled and skipped, not preprocessed) and only later frames are yielded."""
     stats = TrackStats(autocast=resolve_autocast(options.autocast, torch.device(model.predictor.device)))
     if not prompts:
         return Tracking(None, frames, stats, options)
-    engine = _Engine(model, num_frames, height, width, prompts, source_frames, options, stats)
+    engine = _Engine(model, num_frames, height, width, prompts, source_frames, options, stats, resume)
     if options.compile:
         compile_model_parts(engine.predictor)
         stats.compiled = True
