@@ -86,6 +86,10 @@ class StoreConfig:
     # Zarr chunk = one masklet-frame (1, 1, H, W); chunks are packed into shard files of
     # (all objects, frames_per_file frames): one file per frames_per_file frames of an item.
     frames_per_file: int = 8
+    # Long items are checkpointed at the first frames_per_file boundary after this many seconds since the last
+    # checkpoint (tracker state, masks and rows so far), so a killed or requeued job goes on inside the video.
+    # 0: at every boundary; null: never (an interrupted item starts again from frame 0).
+    checkpoint_seconds: float | None = 60.0
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,9 @@ class RunConfig:
             raise ConfigError(f"executor={self.executor!r}: use 'local' or 'slurm'")
         if self.store.frames_per_file < 1:
             raise ConfigError("store.frames_per_file must be >= 1")
+        if self.store.checkpoint_seconds is not None and self.store.checkpoint_seconds < 0:
+            raise ConfigError(f"store.checkpoint_seconds={self.store.checkpoint_seconds} must be >= 0, or null "
+                              f"to never checkpoint inside an item")
         if self.prompt.max_objects < 1:
             raise ConfigError("prompt.max_objects must be >= 1")
         if self.retries < 0:

@@ -8,6 +8,7 @@
       meta/shard-00007/<item_id>/   one committed item: items.parquet, masklets.parquet, frames.parquet
       logs/shard-00007.log          one log per shard
       tmp/                          staging area; anything here is uncommitted and may be deleted
+      tmp/partial/<item_id>/        a long item's checkpoint: masks and rows so far, tracker state
       slurm/jobs.jsonl              one line per SLURM submission: job id, array tasks and their shard ids
       slurm/<job>_<task>/           submitit's folder of one array task (pickles, stdout/stderr logs)
 """
@@ -77,6 +78,10 @@ class RunPaths:
     @property
     def tmp(self) -> Path:
         return self.root / "tmp"
+
+    def partial(self, item_id: str) -> Path:
+        """Where a long item's checkpoint lives until the item is committed (pipeline/store/partial.py)."""
+        return self.tmp / "partial" / check_component(item_id)
 
     @property
     def slurm(self) -> Path:

@@ -79,6 +79,7 @@ def config_fingerprint(cfg: RunConfig) -> str:
         d.pop(volatile, None)
     for volatile in ("device", "threads", "cache_dir", "allow_download"):
         d["model"].pop(volatile, None)
+    d["store"].pop("checkpoint_seconds", None)  # when to checkpoint never changes what is written
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 

@@ -20,15 +20,17 @@ import numpy as np
 
 from pipeline.config import RunConfig
 from pipeline.device import WorkSizing, detect_device, size_for_device
-from pipeline.plan import RunPlan, load_run
+from pipeline.plan import RunPlan, config_fingerprint, load_run
 from pipeline.records import FrameMasks, ItemResult, MediaItem
 from pipeline.stages.decode import display_path, open_frames, utf8_text
 from pipeline.stages.models import LoadedModel, load_model
 from pipeline.stages.prompt import make_generator, prompt_keyframe
-from pipeline.stages.track import MediaEnded, TrackOptions, track, write_behind
+from pipeline.stages.track import (MediaEnded, TrackerState, TrackOptions, Tracking, spare_core, track,
+                                   write_behind)
 from pipeline.store import metadata
 from pipeline.store.commit import commit_item, compact_shard, committed_items
 from pipeline.store.masks import MaskWriter
+from pipeline.store.partial import PartialItem
 
 log = logging.getLogger("masklet.worker")
 
@@ -130,10 +132,20 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models) 
         raise ValueError(f"{display_path(item.path)}: no frame could be decoded")
     height, width = first.shape[:2]
     model = models.model
-    t0 = time.perf_counter()
-    prompts = prompt_keyframe(models.generator, first, cfg.prompt, frame=0)
-    seconds_prompt = time.perf_counter() - t0
     num_frames = len(source) if cfg.propagate.enabled else 1
+    partial = _partial_item(plan, item, num_frames, height, width)
+    resume = partial.start() if partial else None
+    if resume is None:
+        t0 = time.perf_counter()
+        prompts = prompt_keyframe(models.generator, first, cfg.prompt, frame=0)
+        seconds_prompt = time.perf_counter() - t0
+    else:
+        prompts, seconds_prompt = resume.prompts, resume.seconds_prompt
+        log.info("item %s: continuing from its checkpoint at frame %d of %d", item.item_id, resume.next_frame,
+                 num_frames)
+    if partial and not (prompts and cfg.propagate.enabled):
+        partial.discard()  # nothing is tracked: nothing to checkpoint
+        partial = None
     attrs = {
         "item_id": item.item_id,
         "source_frames": list(source.source_frames[:num_frames]),
@@ -141,24 +153,37 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models) 
         "model": model.label,
         "random_weights": model.random_weights,
     }
-    writer = MaskWriter(plan.paths, item.item_id, len(prompts), num_frames, height, width, cfg.store, attrs)
+    writer = MaskWriter(plan.paths, item.item_id, len(prompts), num_frames, height, width, cfg.store, attrs,
+                        stage=partial.masks if partial else None, resume_at=resume.next_frame if resume else 0)
     rows = metadata.FrameRows(item.item_id)
+    if resume is not None:
+        rows.extend(resume.rows)
     seconds_write = 0.0
     t_prop = time.perf_counter()
     try:
         if prompts and cfg.propagate.enabled:
             stream = track(model, itertools.chain([first], frames), num_frames, height, width, prompts,
-                           source.source_frames, models.track_options())
+                           source.source_frames, models.track_options(),
+                           resume=TrackerState.from_payload(resume.tracker) if resume else None)
+            checkpointed_rows = len(rows)
 
-            def write(fm: FrameMasks) -> None:  # in a writer thread beside the model where a core is free
-                nonlocal seconds_write
+            def write(x: FrameMasks | _Checkpoint) -> None:  # in a writer thread where a core is free
+                nonlocal seconds_write, checkpointed_rows
                 t_w = time.perf_counter()
-                writer.write(fm)
-                rows.add(fm.frame, fm.source_frame, fm.object_ids, fm.masks, fm.object_scores)
+                if isinstance(x, _Checkpoint):
+                    partial.save(x.next_frame, rows.table(checkpointed_rows), x.state.payload(), prompts,
+                                 seconds_prompt)
+                    checkpointed_rows = len(rows)
+                else:
+                    writer.write(x)
+                    rows.add(x.frame, x.source_frame, x.object_ids, x.masks, x.object_scores)
                 seconds_write += time.perf_counter() - t_w
 
+            thread = spare_core(stream.device)
+            if partial is not None:
+                stream = _with_checkpoints(stream, writer.per_file, num_frames, cfg.store.checkpoint_seconds)
             try:
-                write_behind(stream, write)
+                write_behind(stream, write, thread=thread)
             except MediaEnded as e:
                 # Headers can overstate the frame count; keep what was really decoded.
                 log.warning("%s: %s; keeping %d frames", item.item_id, e, writer.frames_buffered)
@@ -176,9 +201,20 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models) 
             real_frames = 1
         writer.finish(num_frames=real_frames, attributes={"source_frames": list(source.source_frames[:real_frames])})
         writer.publish()
-    except BaseException:
+    except Exception:
+        # A failed attempt leaves nothing: a retry starts afresh (a bad checkpoint cannot fail it twice).
         writer.abort()
+        if partial is not None:
+            partial.discard()
         raise
+    except BaseException:
+        # Killed or preempted (SystemExit from submitit's checkpoint, KeyboardInterrupt): keep the
+        # checkpoint, so that the next attempt goes on from it.
+        if partial is None:
+            writer.abort()
+        raise
+    if partial is not None:
+        partial.discard()  # the masks are published; the rows are committed by the caller, from memory
     seconds_propagate = time.perf_counter() - t_prop  # wall time; decoding and writing overlap it (threads)
     frames_table = rows.table()
     masklets = metadata.masklets_table(item.item_id, prompts, source.source_frames, frames_table)
@@ -190,6 +226,41 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models) 
         seconds_total=time.perf_counter() - t_start,
     )
     return result, {"masklets": masklets, "frames": frames_table}
+
+
+def _partial_item(plan: RunPlan, item: MediaItem, num_frames: int, height: int, width: int) -> PartialItem | None:
+    """The item's checkpoint folder, where checkpoints can happen: tracking on, more than one shard file of
+    frames, and store.checkpoint_seconds set."""
+    cfg = plan.config
+    if (not cfg.propagate.enabled or cfg.store.checkpoint_seconds is None
+            or num_frames <= cfg.store.frames_per_file):
+        return None
+    key = {"item_id": item.item_id, "num_frames": num_frames, "height": height, "width": width,
+           "stride": _stride(item, cfg), "config": config_fingerprint(cfg)}
+    return PartialItem(plan.paths, item.item_id, key)
+
+
+@dataclass(frozen=True)
+class _Checkpoint:
+    """Passed to the writer after the frame before `next_frame`: save this state once that frame is written."""
+
+    next_frame: int
+    state: TrackerState
+
+
+def _with_checkpoints(stream: Tracking, per_file: int, num_frames: int, every: float) -> Iterator:
+    """The stream's frames, with a _Checkpoint after each shard-file boundary once `every` seconds have passed
+    since the last one. The snapshot is taken here, in the model's thread, between two frames."""
+    last = time.monotonic()
+    try:
+        for fm in stream:
+            yield fm
+            n = fm.frame + 1
+            if n % per_file == 0 and n < num_frames and time.monotonic() - last >= every:
+                yield _Checkpoint(n, stream.snapshot())
+                last = time.monotonic()
+    finally:
+        stream.close()
 
 
 def _item_row(plan: RunPlan, shard_id: int, item: MediaItem, result: ItemResult, models: Models | None) -> dict:

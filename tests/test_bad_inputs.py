@@ -188,11 +188,11 @@ def test_sam2_tracks_a_one_pixel_image(demo_config, fast_overrides):
     from pipeline.config import load_config
     from pipeline.records import Prompt
     from pipeline.stages.models import load_model
-    from pipeline.stages.propagate import propagate
+    from pipeline.stages.track import track
 
     model = load_model(load_config(demo_config, fast_overrides).model)
     dot = np.full((1, 1, 3), 200, np.uint8)
     prompt = Prompt(object_id=0, frame=0, mask=np.ones((1, 1), bool), point=(0.0, 0.0), predicted_iou=1.0,
                     stability_score=1.0, area=1, bbox=(0, 0, 1, 1))
-    out = list(propagate(model, [dot, dot], 2, 1, 1, [prompt], [0, 1]))
+    out = list(track(model, [dot, dot], 2, 1, 1, [prompt], [0, 1]))
     assert [fm.masks.shape for fm in out] == [(1, 1, 1), (1, 1, 1)]

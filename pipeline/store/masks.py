@@ -42,26 +42,35 @@ class MaskWriter:
     """Streams FrameMasks of one item into a staged Zarr array; `publish()` moves it into the run."""
 
     def __init__(self, paths: RunPaths, item_id: str, num_objects: int, num_frames: int, height: int,
-                 width: int, cfg: StoreConfig, attributes: dict):
+                 width: int, cfg: StoreConfig, attributes: dict, stage: Path | None = None, resume_at: int = 0):
+        """`stage`: where to stage the array (default: a new name under tmp/). `resume_at`: go on writing an
+        array already staged there, whose frames before `resume_at` (a shard-file boundary) are final."""
         self.paths = paths
         self.item_id = item_id
         self.shape = (num_objects, num_frames, height, width)
-        self.stage = paths.tmp / f"{item_id}.{uuid.uuid4().hex[:8]}.zarr"
+        self.stage = stage or paths.tmp / f"{item_id}.{uuid.uuid4().hex[:8]}.zarr"
         per_file = max(1, min(cfg.frames_per_file, num_frames))
-        self.array = zarr.create_array(
-            store=str(self.stage),
-            shape=self.shape,
-            dtype=bool,
-            chunks=(1, 1, height, width),
-            shards=(max(1, num_objects), per_file, height, width),
-            compressors=_compressors(cfg),
-            fill_value=False,
-            attributes=attributes,
-        )
+        if resume_at:
+            self.array = zarr.open_array(str(self.stage), mode="r+")
+            if self.array.shape != self.shape or resume_at % per_file or not 0 < resume_at < num_frames:
+                raise ValueError(f"item {item_id}: the staged array {self.stage} has shape {self.array.shape}, "
+                                 f"expected {self.shape}, resuming at frame {resume_at}")
+        else:
+            self.array = zarr.create_array(
+                store=str(self.stage),
+                shape=self.shape,
+                dtype=bool,
+                chunks=(1, 1, height, width),
+                shards=(max(1, num_objects), per_file, height, width),
+                compressors=_compressors(cfg),
+                fill_value=False,
+                attributes=attributes,
+                overwrite=stage is not None,
+            )
         self.per_file = per_file
         self._buffer: list[np.ndarray] = []
-        self._start = 0  # first frame of the buffered slab
-        self.frames_written = 0
+        self._start = resume_at  # first frame of the buffered slab
+        self.frames_written = resume_at
 
     @property
     def frames_buffered(self) -> int:

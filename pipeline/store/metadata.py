@@ -103,8 +103,17 @@ class FrameRows:
             self.cols[name].extend(boxes[:, i].tolist())
         self.cols["object_score"].extend(np.asarray(scores, dtype=np.float32).tolist())
 
-    def table(self) -> pa.Table:
-        return pa.table(self.cols, schema=FRAMES_SCHEMA)
+    def __len__(self) -> int:
+        return len(self.cols["item_id"])
+
+    def table(self, start: int = 0) -> pa.Table:
+        """The rows from row `start` on (all by default)."""
+        return pa.table({k: v[start:] for k, v in self.cols.items()}, schema=FRAMES_SCHEMA)
+
+    def extend(self, table: pa.Table) -> None:
+        """Append rows read back from a checkpoint."""
+        for name in FRAMES_SCHEMA.names:
+            self.cols[name].extend(table.column(name).to_pylist())
 
 
 def masklets_table(item_id: str, prompts, source_frames: list[int], frames: pa.Table) -> pa.Table:

@@ -1,0 +1,169 @@
+"""Checkpoints inside a long item, so that a killed or requeued job goes on inside the video.
+
+While an item is tracked, its folder tmp/partial/<item_id>/ holds:
+
+    masks.zarr                   the item's staged mask array; frames before `next_frame` are final
+    prompts.pt                   the item's prompts (written once, at the first checkpoint)
+    rows-<first frame>.parquet   the frame rows of one stretch between two checkpoints
+    state-<next frame>.pt        the tracker's state after frame next_frame - 1 (TrackerState.payload())
+    progress.json                the commit point: next_frame and the files above that belong to it
+
+A checkpoint is taken at a `store.frames_per_file` boundary, after the mask shard files up to it are
+written: the new rows and state files are written under new names, then progress.json is replaced in one
+rename, then files it no longer names are removed. A kill at any instant leaves either the old checkpoint
+or the new one whole; frames past `next_frame` are rewritten on resume (whole shard files). Nothing here
+is visible to readers: the item reaches the run only through the normal commit (masks published, rows
+committed), after which the folder is removed.
+
+The `key` (item, frames, size, object ids, config fingerprint) guards against continuing from another
+item's or run's state; a checkpoint that does not match or cannot be read is discarded and the item
+starts from frame 0. Everything is loaded with torch.load(weights_only=True).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.paths import RunPaths
+from pipeline.records import Prompt
+from pipeline.store.metadata import FRAMES_SCHEMA
+
+log = logging.getLogger("masklet.partial")
+
+PARTIAL_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Resume:
+    """What an item needs to go on from its last checkpoint."""
+
+    next_frame: int
+    prompts: list[Prompt]
+    tracker: dict  # TrackerState.payload()
+    rows: pa.Table  # frame rows of frames 0 .. next_frame - 1
+    seconds_prompt: float
+
+
+def prompts_payload(prompts: list[Prompt]) -> dict:
+    """Prompts as tensors and lists (weights_only-loadable); masks bit-packed."""
+    masks = np.stack([p.mask for p in prompts]).astype(bool)
+    return {
+        "shape": list(masks.shape),
+        "masks": torch.from_numpy(np.packbits(masks, axis=None)),
+        "object_id": [int(p.object_id) for p in prompts],
+        "frame": [int(p.frame) for p in prompts],
+        "point": [[float(v) for v in p.point] for p in prompts],
+        "predicted_iou": [float(p.predicted_iou) for p in prompts],
+        "stability_score": [float(p.stability_score) for p in prompts],
+        "area": [int(p.area) for p in prompts],
+        "bbox": [[int(v) for v in p.bbox] for p in prompts],
+        "source": [str(p.source) for p in prompts],
+    }
+
+
+def prompts_from_payload(d: dict) -> list[Prompt]:
+    shape = tuple(d["shape"])
+    bits = np.unpackbits(d["masks"].numpy(), count=int(np.prod(shape))).astype(bool).reshape(shape)
+    return [
+        Prompt(object_id=d["object_id"][i], frame=d["frame"][i], mask=bits[i], point=tuple(d["point"][i]),
+               predicted_iou=d["predicted_iou"][i], stability_score=d["stability_score"][i], area=d["area"][i],
+               bbox=tuple(d["bbox"][i]), source=d["source"][i])
+        for i in range(shape[0])
+    ]
+
+
+def _write_atomic(path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class PartialItem:
+    """The checkpoint folder of one item (see the module's docstring)."""
+
+    def __init__(self, paths: RunPaths, item_id: str, key: dict):
+        self.item_id = item_id
+        self.dir = paths.partial(item_id)
+        self.key = {"version": PARTIAL_VERSION, **key}
+        self._rows: list[str] = []
+        self._rows_from = 0  # first frame of the rows not yet in a checkpoint
+
+    @property
+    def masks(self):
+        return self.dir / "masks.zarr"
+
+    @property
+    def progress(self):
+        return self.dir / "progress.json"
+
+    def start(self) -> Resume | None:
+        """The item's last checkpoint, if there is a usable one; otherwise an empty folder (returns None)."""
+        resume = None
+        if self.progress.exists():
+            try:
+                resume = self._load()
+            except Exception as e:  # noqa: BLE001 - any unusable checkpoint means: start again from frame 0
+                log.warning("item %s: discarding its checkpoint in %s (%s: %s); starting from frame 0",
+                            self.item_id, self.dir, type(e).__name__, e)
+        if resume is None:
+            self.discard()
+            self.dir.mkdir(parents=True)
+        return resume
+
+    def _load(self) -> Resume:
+        progress = json.loads(self.progress.read_text())
+        if progress.get("key") != self.key:
+            raise ValueError(f"it was made for {progress.get('key')}, this attempt is {self.key}")
+        if not self.masks.is_dir():
+            raise FileNotFoundError(f"{self.masks} is missing")
+        state = torch.load(self.dir / progress["state"], weights_only=True, map_location="cpu")
+        prompts = torch.load(self.dir / "prompts.pt", weights_only=True, map_location="cpu")
+        rows = [pq.read_table(self.dir / name, schema=FRAMES_SCHEMA) for name in progress["rows"]]
+        table = pa.concat_tables(rows) if rows else FRAMES_SCHEMA.empty_table()
+        next_frame = int(progress["next_frame"])
+        if int(state["next_frame"]) != next_frame:
+            raise ValueError(f"state is for frame {state['next_frame']}, progress says {next_frame}")
+        self._rows = list(progress["rows"])
+        self._rows_from = next_frame
+        return Resume(next_frame=next_frame, prompts=prompts_from_payload(prompts["prompts"]), tracker=state,
+                      rows=table, seconds_prompt=float(prompts["seconds_prompt"]))
+
+    def save(self, next_frame: int, rows: pa.Table, tracker: dict, prompts: list[Prompt],
+             seconds_prompt: float) -> None:
+        """Checkpoint after frame next_frame - 1. `rows` are the frame rows since the last checkpoint; the mask
+        shard files up to next_frame must already be written."""
+        prompts_file = self.dir / "prompts.pt"
+        if not prompts_file.exists():
+            payload = {"prompts": prompts_payload(prompts), "seconds_prompt": seconds_prompt}
+            _write_atomic(prompts_file, lambda p: torch.save(payload, p))
+        rows_name = f"rows-{self._rows_from:08d}.parquet"
+        _write_atomic(self.dir / rows_name, lambda p: pq.write_table(rows, p))
+        state_name = f"state-{next_frame:08d}.pt"
+        _write_atomic(self.dir / state_name, lambda p: torch.save(tracker, p))
+        names = [*self._rows, rows_name]
+        progress = {"key": self.key, "next_frame": next_frame, "rows": names, "state": state_name}
+        _write_atomic(self.progress, lambda p: p.write_text(json.dumps(progress)))  # the commit point
+        self._rows, self._rows_from = names, next_frame
+        keep = {*names, state_name, "prompts.pt", "progress.json", "masks.zarr"}
+        for p in self.dir.iterdir():
+            if p.name not in keep and not p.name.startswith("."):
+                p.unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        if self.dir.exists():
+            trash = self.dir.with_name(f".trash.{self.dir.name}.{uuid.uuid4().hex[:8]}")
+            self.dir.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
