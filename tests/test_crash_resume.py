@@ -2,7 +2,8 @@
 
 Every trial must end with outputs equal to the uninterrupted run's: same masks, same rows, no duplicates.
 The kill instants are spread over the whole run (model loading, decoding, propagation, mask writes,
-commits, compaction)."""
+checkpoints inside the video, commits, compaction); the video is checkpointed at every shard file (4
+frames), so many kills land after a checkpoint and the resume goes on from it."""
 from __future__ import annotations
 
 import os
@@ -31,12 +32,13 @@ def _run_cmd(manifest, out, demo_config, overrides):
 @pytest.mark.timeout(1800)
 def test_kill_minus_nine_at_random_instants_then_resume(tmp_path, demo_config, fast_overrides):
     media = tmp_path / "media"
-    make_video(media / "v.mp4", frames=8, width=128, height=96, seed=11)
+    make_video(media / "v.mp4", frames=20, width=128, height=96, seed=11)
     make_frame_folder(media / "f", frames=5, width=112, height=80, ext="jpg", seed=12)
     make_image(media / "i.png", width=120, height=90, seed=13)
     manifest = tmp_path / "m.parquet"
     assert main(["manifest", "build", str(media), "-o", str(manifest)]) == 0
-    overrides = [*fast_overrides, "plan.max_items_per_shard=2", "prompt.max_objects=4"]
+    overrides = [*fast_overrides, "plan.max_items_per_shard=2", "prompt.max_objects=4", "store.frames_per_file=4",
+                 "store.checkpoint_seconds=0"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
     reference = tmp_path / "reference"
@@ -46,7 +48,7 @@ def test_kill_minus_nine_at_random_instants_then_resume(tmp_path, demo_config, f
     duration = time.monotonic() - t0
 
     rng = random.Random(20261122)
-    survived, killed_mid_run = 0, 0
+    survived, killed_mid_run, continued = 0, 0, 0
     for trial in range(TRIALS):
         out = tmp_path / f"trial{trial:02d}"
         delay = rng.uniform(0.2, 0.9 * duration)
@@ -65,10 +67,13 @@ def test_kill_minus_nine_at_random_instants_then_resume(tmp_path, demo_config, f
         assert resumed.returncode == 0, f"trial {trial} (kill at {delay:.2f}s): resume failed\n{resumed.stderr[-3000:]}"
         assert_same_outputs(reference, out)
         survived += 1
+        logs = "".join(p.read_text() for p in (out / "logs").glob("*.log")) if (out / "logs").exists() else ""
+        continued += "continuing from its checkpoint" in logs
         shutil.rmtree(out)
-    print(f"\ncrash trials: {survived}/{TRIALS} survived (killed mid-run: {killed_mid_run}), "
-          f"uninterrupted run {duration:.1f}s, items lost: 0")
+    print(f"\ncrash trials: {survived}/{TRIALS} survived (killed mid-run: {killed_mid_run}, resumed inside the "
+          f"video from a checkpoint: {continued}), uninterrupted run {duration:.1f}s, items lost: 0")
     assert survived == TRIALS
     # A machine busier during the reference run than later makes some kills land after the end: those
     # trials still check a clean rerun, but at least a quarter must interrupt real work.
     assert killed_mid_run >= TRIALS // 4, "too few kills landed while the run was working"
+    assert continued >= 1, "no kill landed after a checkpoint inside the video: the test missed that path"
