@@ -1,16 +1,22 @@
 """Runs through real sbatch job arrays on the local SLURM cluster (jobs/slurm/cluster.sh), with the random-weight
 model on the CPU under the `local-test` profile (each task asks for a fake 1g.10gb MIG slice).
 
-One run is interrupted on purpose, in the middle of its long item, every way a cluster interrupts a task:
+One run is interrupted on purpose, in the middle of its long video, every way a cluster interrupts a task:
 USR2 (what SLURM sends before the time limit or on preemption: submitit checkpoints and requeues), then a
-plain `scontrol requeue` (no signal: killed and restarted, as after a node failure), then `masklet cancel`;
-`masklet resume --wait` then resubmits exactly the unfinished shard. Its outputs must equal an uninterrupted
-local run's, bit for bit, with nothing duplicated.
+plain `scontrol requeue` (SIGTERM, which submitit ignores, then SIGKILL after KillWait: as after a node
+failure), then `masklet cancel`; `masklet resume --wait` then resubmits exactly the unfinished shard. The
+video is checkpointed at every shard file (store.frames_per_file=8, store.checkpoint_seconds=0), so each
+restart must go on inside the video from its last checkpoint, not from frame 0. The outputs must equal an
+uninterrupted local run's, bit for bit, with nothing duplicated.
+
+The video is long (200 frames, ~0.2 s each on a 2-core machine) because SLURM grants KillWait (5 s here,
+30 s by default) after SIGTERM, and the worker keeps going meanwhile: the video must outlast two graces.
 
 Needs the cluster: `sudo jobs/slurm/cluster.sh up`, then MASKLET_SLURM=1.
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -37,6 +43,7 @@ pytestmark = NEEDS_SLURM_CLUSTER
 # importing torch and sam2, and a requeued task starts again after ~7 s.
 WAIT = 240
 LONG = "long.mp4"
+LONG_FRAMES = 200
 VOLATILE_COLUMNS = {"seconds_decode", "seconds_prompt", "seconds_propagate", "seconds_write", "seconds_total",
                     "finished_at"}
 
@@ -54,7 +61,7 @@ def wait_for(condition: Callable[[], object], what: str, timeout: float = WAIT):
 def manifest(tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm_run")
     media = root / "media"
-    make_video(media / LONG, frames=24, width=160, height=120, seed=11)  # long enough to interrupt mid-item
+    make_video(media / LONG, frames=LONG_FRAMES, width=96, height=72, seed=11)
     make_frame_folder(media / "frames", frames=4, width=128, height=96, ext="png", seed=13)
     make_image(media / "photo.jpg", width=120, height=90, seed=12)
     path = root / "manifest.parquet"
@@ -65,7 +72,8 @@ def manifest(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_args(manifest, demo_config, fast_overrides):
     # One object per item keeps items short on a busy 2-core machine; both runs use the same settings.
-    return ["--manifest", str(manifest), "--config", demo_config, *fast_overrides, "prompt.max_objects=1"]
+    return ["--manifest", str(manifest), "--config", demo_config, *fast_overrides, "prompt.max_objects=1",
+            "store.frames_per_file=8", "store.checkpoint_seconds=0"]
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +83,20 @@ def local_reference(manifest, run_args):
     return out
 
 
-def _staged(paths: RunPaths, item_id: str) -> set[str]:
-    """Mask arrays of `item_id` being written (the worker is inside that item)."""
-    return {p.name for p in paths.tmp.glob(f"{item_id}.*.zarr")} if paths.tmp.exists() else set()
+def _checkpoint(paths: RunPaths, item_id: str) -> int:
+    """The frame the item's last checkpoint goes on from (0: none yet)."""
+    try:
+        return json.loads((paths.partial(item_id) / "progress.json").read_text())["next_frame"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def _continued(paths: RunPaths, shard_id: int) -> list[int]:
+    """Frames the shard's worker went on from, one per restart that used a checkpoint."""
+    log = paths.shard_log(shard_id)
+    text = log.read_text() if log.exists() else ""
+    return [int(line.split(" at frame ")[1].split()[0]) for line in text.splitlines()
+            if "continuing from its checkpoint" in line]
 
 
 def _committed(paths: RunPaths, shard_id: int, item_id: str) -> bool:
@@ -100,22 +119,19 @@ def interrupted_run(manifest, run_args, local_reference):
     assert len(first.tasks) == 2, "two shards, one array task each"
     task = next(t for t, shards in first.tasks.items() if shards == (0,))
     try:
-        # 1. USR2 in the middle of the long item: submitit checkpoints (same plain arguments) and requeues.
-        first_stage = wait_for(lambda: _staged(paths, LONG), f"{LONG} to start in task {task}")
+        # 1. USR2 in the middle of the long video, once it has a checkpoint: submitit checkpoints (same plain
+        # arguments) and requeues.
+        events["checkpoint_at_usr2"] = wait_for(lambda: _checkpoint(paths, LONG), f"{LONG} to checkpoint in {task}")
         events["committed_at_usr2"] = _committed(paths, 0, LONG)
         subprocess.run(["scancel", "--signal=USR2", task], check=True, timeout=30)
         wait_for(lambda: "Requeued job" in slurm.task_output(paths, task), "submitit to requeue on USR2")
-        # 2. Restarted and inside the item again: a plain requeue, no signal (killed, restarted from scratch).
-        second_stage = wait_for(lambda: _staged(paths, LONG) - first_stage,
-                                f"{LONG} to start again after the USR2 requeue")
+        # 2. Restarted and going on from the checkpoint: a plain requeue (SIGTERM, then SIGKILL after KillWait).
+        wait_for(lambda: len(_continued(paths, 0)) == 1, f"{LONG} to go on from its checkpoint after the USR2")
         events["committed_at_requeue"] = _committed(paths, 0, LONG)
         subprocess.run(["scontrol", "requeue", task], check=True, timeout=30)
-        # 3. Inside the item a third time (shard 1 is long done by then): cancel the run, then resume it.
-        # Cancel on the item's staging, not on the task's start: a fast machine finishes the short item
-        # between a start and a poll.
+        # 3. Going on a second time (shard 1 is long done by then): cancel the run, then resume it.
         wait_for(lambda: shard_status(plan, 1).pending == 0, "shard 1 to finish")
-        wait_for(lambda: _staged(paths, LONG) - first_stage - second_stage,
-                 f"{LONG} to start a third time after the plain requeue")
+        wait_for(lambda: len(_continued(paths, 0)) == 2, f"{LONG} to go on again after the plain requeue")
         events["committed_at_cancel"] = _committed(paths, 0, LONG)
         assert main(["cancel", str(out)]) == 0
         wait_for(lambda: _state(task) not in slurm.ACTIVE_STATES, f"task {task} to end after the cancel")
@@ -125,6 +141,7 @@ def interrupted_run(manifest, run_args, local_reference):
     finally:
         slurm.cancel(paths)  # nothing is left behind on the shared cluster, whatever failed above
     events["log"] = slurm.task_output(paths, task)
+    events["continued"] = _continued(paths, 0)
     return out, events
 
 
@@ -155,6 +172,16 @@ def test_each_interruption_hit_the_long_item_in_flight(interrupted_run):
     assert "Caught signal SIGUSR2" in log and "Calling checkpoint method" in log and "Requeued job" in log
     assert log.count("Starting with JobEnvironment") >= 3  # first start, after USR2, after scontrol requeue
     assert events["state_after_cancel"] == "CANCELLED" and events["pending_after_cancel"] == 1
+
+
+def test_every_restart_went_on_inside_the_video(interrupted_run):
+    _, events = interrupted_run
+    continued = events["continued"]  # after the USR2, after the requeue, in the resumed job
+    print(f"\nrestarts went on from frames {continued} of {LONG_FRAMES}")
+    assert len(continued) == 3, continued
+    assert continued[0] >= events["checkpoint_at_usr2"] > 0
+    assert continued == sorted(continued) and continued[-1] < LONG_FRAMES
+    assert all(frame % 8 == 0 for frame in continued), "checkpoints are taken at shard-file boundaries"
 
 
 def test_nothing_is_duplicated(interrupted_run):
