@@ -2,8 +2,9 @@
 
 It reads the frozen plan from disk, skips items already committed, builds the model once (only if there
 is work), and for each item composes the stages decode -> prompt -> propagate -> write, then commits the
-item's rows last. One bad item never fails the shard: it is retried `retries` times, then committed as a
-failed row with its error.
+item's rows last. A long video is checkpointed while it is tracked (pipeline/store/partial.py), so an item
+interrupted by a kill or a requeue goes on from its last checkpoint. One bad item never fails the shard: it
+is retried `retries` times (from frame 0), then committed as a failed row with its error.
 """
 from __future__ import annotations
 
@@ -118,8 +119,9 @@ class _Timer:
 
 
 def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models) -> tuple[ItemResult, dict]:
-    """Decode, prompt, propagate and write one item; returns its result and its three tables.
-    Raises on any failure (the caller records it); masks are staged and only published on success."""
+    """Decode, prompt, propagate and write one item (going on from its checkpoint when it has one); returns
+    its result and its three tables. Raises on any failure (the caller records it); masks are staged and only
+    published on success."""
     cfg = plan.config
     t_start = time.perf_counter()
     if item.error:

@@ -68,7 +68,8 @@ class ShardTask(Checkpointable):
 
     def checkpoint(self, *args, **kwargs) -> DelayedSubmission:
         # Called by submitit on USR2 (preemption or the time limit near). Everything committed is on disk, so
-        # the resubmission is the same task; what was in flight is redone from its start.
+        # the resubmission is the same task; an item in flight goes on from its last checkpoint
+        # (pipeline/store/partial.py), or from its start when it had none.
         return DelayedSubmission(ShardTask(self.run_dir, self.shard_ids, self.redo_failed))
 
     def __repr__(self) -> str:
@@ -307,7 +308,7 @@ def active_tasks(paths: RunPaths) -> dict[int, ShardJob]:
 
 def cancel(paths: RunPaths) -> list[str]:
     """scancel every job of this run that still has a queued or running task; returns the job ids cancelled.
-    Committed items stay; an item in flight is redone by the next resume."""
+    Committed items stay; an item in flight goes on from its last checkpoint at the next resume."""
     jobs = sorted({j.task_id.split("_")[0] for j in active_tasks(paths).values()}, key=int)
     if jobs:
         _scancel(jobs)
