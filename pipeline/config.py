@@ -77,6 +77,9 @@ class PropagateConfig:
     autocast: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on CUDA GPUs with bf16, else off
     tf32: bool = True  # TF32 matmuls on CUDA GPUs that have them
     compile: bool = False  # torch.compile the model's parts (as sam2's vos_optimized); slow first frames
+    # memories and stored masks in host memory (sam2's offload_state_to_cpu); null: when the device sizing
+    # says the state would not fit (pipeline/device.py); never changes the masks
+    offload_state: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,7 @@ def config_fingerprint(cfg: RunConfig) -> str:
     for volatile in ("device", "threads", "cache_dir", "allow_download"):
         d["model"].pop(volatile, None)
     d["store"].pop("checkpoint_seconds", None)  # when to checkpoint never changes what is written
+    d["propagate"].pop("offload_state", None)  # where the state is kept neither
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 

@@ -71,8 +71,9 @@ class Models:
                 info = detect_device()
                 self.sizing = size_for_device(info, self.cfg.model.name, self._model.image_size,
                                               self.cfg.prompt.max_objects)
-                log.info("device %s: object batch %d, frames ahead %d", info.describe(),
-                         self.sizing.object_batch, self.sizing.frames_ahead)
+                log.info("device %s: object batch %d, frames ahead %d, state %s", info.describe(),
+                         self.sizing.object_batch, self.sizing.frames_ahead,
+                         "offloaded to host memory" if self.sizing.offload_state else "on the device")
                 if self.sizing.refusal():
                     raise RuntimeError(self.sizing.refusal())
         return self._model
@@ -81,8 +82,9 @@ class Models:
         p = self.cfg.propagate
         object_batch = p.object_batch or (self.sizing.object_batch if self.sizing else None)
         prefetch = max(p.prefetch, self.sizing.frames_ahead) if self.sizing else p.prefetch
+        offload = p.offload_state if p.offload_state is not None else bool(self.sizing and self.sizing.offload_state)
         return TrackOptions(object_batch=object_batch, prefetch=prefetch, autocast=p.autocast, tf32=p.tf32,
-                            compile=p.compile, mask_threshold=p.mask_threshold)
+                            compile=p.compile, mask_threshold=p.mask_threshold, offload_state=offload)
 
     @property
     def generator(self):

@@ -149,3 +149,15 @@ def test_a_whole_gpu_reports_its_uuid(monkeypatch):
     info = detect_device({"CUDA_VISIBLE_DEVICES": "3"})
     assert info.kind == "gpu" and info.uuid == "GPU-8c1e0b51-aaaa-bbbb-cccc-0123456789ab" and info.index == 0
     assert "gpu NVIDIA H100 80GB HBM3" in info.describe()
+
+
+@pytest.mark.parametrize("setting, sized, expected", [(None, True, True), (None, False, False),
+                                                      (False, True, False), (True, False, True)])
+def test_the_worker_offloads_the_state_when_the_sizing_or_the_config_says_so(setting, sized, expected):
+    from pipeline.worker import Models
+
+    cfg = load_config(overrides=[f"propagate.offload_state={'null' if setting is None else str(setting).lower()}"])
+    models = Models(cfg)
+    models.sizing = size_work(int(10e9), LARGE, 1024, max_objects=256 if sized else 8)
+    assert models.sizing.offload_state is sized
+    assert models.track_options().offload_state is expected

@@ -397,3 +397,45 @@ def test_write_behind_raises_write_errors_and_stream_errors_after_earlier_writes
 
     with pytest.raises(OSError, match="disk full"):
         write_behind(stream(), bad_write, thread=thread)
+
+
+def test_offloaded_state_is_placed_where_sam2_keeps_it():
+    """With offload_state, a restored state puts memories and masks in host memory and the rest on the compute
+    device (here the meta device stands in for a GPU, so the placement shows on a CPU-only machine)."""
+    engine = object.__new__(track_mod._Engine)
+    engine.device, engine.storage_device = torch.device("meta"), torch.device("cpu")
+    out = {"maskmem_features": torch.zeros(2, 64, 4, 4), "pred_masks": torch.zeros(2, 1, 8, 8),
+           "maskmem_pos_enc": [torch.zeros(2, 64, 4, 4)], "obj_ptr": torch.zeros(2, 256),
+           "object_score_logits": torch.zeros(2, 1)}
+    placed = engine._placed({"cond_frame_outputs": {0: out}, "non_cond_frame_outputs": {3: {"obj_ptr": out["obj_ptr"]}}})
+    cond = placed["cond_frame_outputs"][0]
+    assert {k: (v[0] if isinstance(v, list) else v).device.type for k, v in cond.items()} == {
+        "maskmem_features": "cpu", "pred_masks": "cpu", "maskmem_pos_enc": "meta", "obj_ptr": "meta",
+        "object_score_logits": "meta"}
+    assert placed["non_cond_frame_outputs"][3]["obj_ptr"].device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (where the state would be offloaded)")
+def test_offloaded_state_gives_the_same_masks_on_a_gpu(random_checkpoint, clip, eight_objects):
+    gpu = load_model(ModelConfig(checkpoint=random_checkpoint, image_size=IMAGE_SIZE, device="cuda"))
+    options = dict(object_batch=4, autocast="off", tf32=False)
+    want, _, _, _ = _run(gpu, clip, eight_objects, TrackOptions(**options))
+    stream = track(gpu, _CountingFrames(clip), FRAMES, HEIGHT, WIDTH, eight_objects, list(range(FRAMES)),
+                   TrackOptions(**options, offload_state=True))
+    got = []
+    for fm in stream:
+        got.append(fm)
+        if fm.frame == 20:
+            batches = stream.snapshot().batches  # copies; check the live state instead
+            state, live, _ = stream._engine._live
+            assert state["storage_device"].type == "cpu"
+            for b in live:
+                for out in [*b.output_dict["cond_frame_outputs"].values(),
+                            *b.output_dict["non_cond_frame_outputs"].values()]:
+                    if "maskmem_features" in out:
+                        assert out["maskmem_features"].device.type == "cpu"
+                    assert out["obj_ptr"].device.type == "cuda"
+            assert len(batches) == 2
+    assert stream.stats.storage_device == "cpu"
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a.masks, b.masks, err_msg=f"frame {a.frame}")

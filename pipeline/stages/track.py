@@ -118,6 +118,9 @@ class TrackOptions:
     mask_threshold: float = 0.0  # logits above this are foreground in the yielded masks
     # decode and preprocess in a helper thread; None: when the model leaves a CPU core free (`spare_core`)
     decode_thread: bool | None = None
+    # keep the memories (maskmem_features) and stored masks in host memory, copied to the device when a frame
+    # reads them, as sam2's offload_state_to_cpu does; for many objects on a small GPU or MIG slice
+    offload_state: bool = False
 
     def __post_init__(self) -> None:
         if self.object_batch is not None and self.object_batch < 1:
@@ -145,6 +148,7 @@ class TrackStats:
     max_frames_alive: int = 0  # most preprocessed frames in memory at once (queue, model, sam2's feature cache)
     max_frames_ahead: int = 0  # most frames pulled beyond those yielded
     decode_thread: bool = False  # whether frames were decoded in a helper thread
+    storage_device: str = ""  # where memories and stored masks were kept (cpu when offloaded)
 
 
 @dataclass
@@ -454,6 +458,10 @@ def _mask_to_model_input(mask: np.ndarray, image_size: int, device: torch.device
     return mask_inputs
 
 
+# the parts of a frame's output that sam2 keeps on inference_state["storage_device"]
+_STORED = ("maskmem_features", "pred_masks")
+
+
 class _Engine:
     """One item's tracking: prompts checked up front, then `frames(feed)` yields FrameMasks."""
 
@@ -495,6 +503,7 @@ class _Engine:
                                  f"{self.start + 1}..{num_frames}")
             self.start = resume.next_frame
         self.next_frame = self.start
+        self.storage_device = torch.device("cpu") if options.offload_state else self.device
         self._live: tuple | None = None
 
     def _state(self, feed: _FrameFeed) -> dict:
@@ -503,7 +512,7 @@ class _Engine:
             "images": feed,
             "num_frames": self.num_frames,
             "device": self.device,
-            "storage_device": self.device,
+            "storage_device": self.storage_device,
             "video_height": self.height,
             "video_width": self.width,
             "cached_features": {},
@@ -545,6 +554,7 @@ class _Engine:
                     run_mem_encoder=False)
                 high_res_masks = F.interpolate(out["pred_masks"].to(self.device), size=(size, size),
                                                mode="bilinear", align_corners=False)
+                # sam2 keeps memories on state["storage_device"] (host memory when offloaded)
                 out["maskmem_features"], out["maskmem_pos_enc"] = pred._run_memory_encoder(
                     inference_state=state, frame_idx=frame, batch_size=1, high_res_masks=high_res_masks,
                     object_score_logits=out["object_score_logits"], is_mask_from_pts=True)
@@ -575,6 +585,7 @@ class _Engine:
     def frames(self, feed: _FrameFeed) -> Iterator[FrameMasks]:
         """Conditioning outputs first (or the resumed state), then every frame to the end."""
         self.stats.objects = len(self.object_ids)
+        self.stats.storage_device = str(self.storage_device)
         self.stats.memory_window = memory_window(self.predictor, self.num_frames)
         state = self._state(feed)
         if self.resume is not None:
@@ -606,10 +617,18 @@ class _Engine:
     def _restore(self, resume: TrackerState, state: dict) -> tuple[list[_Batch], torch.Tensor | None]:
         to_device = lambda t: t.to(self.device)  # noqa: E731
         state["constants"].update(_map_tensors(resume.constants, to_device))
-        batches = [_Batch(list(b["objects"]), int(b["first_frame"]), _map_tensors(b["output_dict"], to_device))
+        batches = [_Batch(list(b["objects"]), int(b["first_frame"]), self._placed(b["output_dict"]))
                    for b in resume.batches]
         self.stats.object_batch = max(len(b.objects) for b in batches)
         return batches, None if resume.order is None else resume.order.to(self.device)
+
+    def _placed(self, output_dict: dict) -> dict:
+        """A restored output_dict where sam2 keeps it: memories and masks on the storage device, the rest
+        (object pointers, scores, position encodings) on the compute device."""
+        def place(out: dict) -> dict:
+            return {k: _map_tensors(v, lambda t: t.to(self.storage_device if k in _STORED else self.device))
+                    for k, v in out.items()}
+        return {kind: {f: place(out) for f, out in per_frame.items()} for kind, per_frame in output_dict.items()}
 
     def _frame(self, t: int, state: dict, feed: _FrameFeed, batches: list[_Batch],
                order: torch.Tensor | None) -> FrameMasks:
