@@ -15,9 +15,9 @@ or the new one whole; frames past `next_frame` are rewritten on resume (whole sh
 is visible to readers: the item reaches the run only through the normal commit (masks published, rows
 committed), after which the folder is removed.
 
-The `key` (item, frames, size, object ids, config fingerprint) guards against continuing from another
-item's or run's state; a checkpoint that does not match or cannot be read is discarded and the item
-starts from frame 0. Everything is loaded with torch.load(weights_only=True).
+The `key` (item, frame count, size, frame stride, config fingerprint; the tracker checks the object ids)
+guards against continuing from another item's or run's state; a checkpoint that does not match or cannot
+be read is discarded and the item starts from frame 0. Everything is loaded with torch.load(weights_only=True).
 """
 from __future__ import annotations
 
