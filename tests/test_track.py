@@ -426,8 +426,7 @@ def test_offloaded_state_gives_the_same_masks_on_a_gpu(random_checkpoint, clip, 
     for fm in stream:
         got.append(fm)
         if fm.frame == 20:
-            batches = stream.snapshot().batches  # copies; check the live state instead
-            state, live, _ = stream._engine._live
+            state, live, _ = stream._engine._live  # the live state (a snapshot would copy it to the CPU)
             assert state["storage_device"].type == "cpu"
             for b in live:
                 for out in [*b.output_dict["cond_frame_outputs"].values(),
@@ -435,7 +434,7 @@ def test_offloaded_state_gives_the_same_masks_on_a_gpu(random_checkpoint, clip, 
                     if "maskmem_features" in out:
                         assert out["maskmem_features"].device.type == "cpu"
                     assert out["obj_ptr"].device.type == "cuda"
-            assert len(batches) == 2
+            assert len(live) == 2
     assert stream.stats.storage_device == "cpu"
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a.masks, b.masks, err_msg=f"frame {a.frame}")
