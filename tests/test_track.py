@@ -163,6 +163,27 @@ def test_unbatched_masks_are_identical_to_plain_sam2(plain, unbatched, eight_obj
     assert stats.frames == FRAMES and stats.objects == OBJECTS and stats.object_batch == 1
 
 
+def test_first_self_attention_runs_once_per_frame_not_per_object(model, unbatched):
+    """Memory attention's first self-attention (the same input for every object) ran once per tracked frame
+    for all eight objects, and the masks above are still sam2's bit for bit; the patch is gone afterwards."""
+    _, stats, _, _ = unbatched
+    assert stats.object_batch == 1 and stats.batches == OBJECTS
+    assert stats.self_attention_runs == FRAMES - 1  # every frame after the prompt frame, not 8x that
+    assert "_forward_sa" not in vars(model.predictor.memory_attention.layers[0])
+
+
+def test_first_self_attention_is_not_shared_when_memory_attention_was_replaced(model):
+    """A compiled (or otherwise replaced) memory attention is left alone: sharing would patch inside it."""
+    assert track_mod._SharedFirstSelfAttention.usable(model.predictor)
+    attention = model.predictor.memory_attention
+    attention.forward = attention.forward  # an instance attribute, as torch.compile sets it
+    try:
+        assert not track_mod._SharedFirstSelfAttention.usable(model.predictor)
+    finally:
+        del attention.forward
+    assert track_mod._SharedFirstSelfAttention.usable(model.predictor)
+
+
 def test_pruning_one_frame_more_changes_masks(model, clip, eight_objects, plain, monkeypatch):
     """The comparison above would catch a pruning rule that drops a frame the model can still read.
     (Objects are tracked independently when unbatched, so two of the eight suffice.)"""
@@ -438,3 +459,14 @@ def test_offloaded_state_gives_the_same_masks_on_a_gpu(random_checkpoint, clip, 
     assert stream.stats.storage_device == "cpu"
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a.masks, b.masks, err_msg=f"frame {a.frame}")
+
+
+def test_normalization_table_matches_sam2s_arithmetic_for_every_value():
+    """The table behind preprocess_frame_numpy against sam2's loader's own steps, for all 256 values of each
+    channel (the JPEG test above sees only the values its frames happen to hold)."""
+    values = np.arange(256, dtype=np.uint8)
+    image = torch.zeros(3, 1, 256, dtype=torch.float32)
+    image[:] = torch.from_numpy(np.stack([values] * 3)[:, None, :] / 255.0)  # float64 into float32, as sam2
+    image -= torch.tensor((0.485, 0.456, 0.406), dtype=torch.float32)[:, None, None]
+    image /= torch.tensor((0.229, 0.224, 0.225), dtype=torch.float32)[:, None, None]
+    assert torch.equal(torch.from_numpy(track_mod._NORMALIZED), image[:, 0])

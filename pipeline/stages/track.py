@@ -27,7 +27,10 @@ masks sam2's SAM2VideoPredictor gives for the same prompts. What differs is how 
   object pointer in the past its memory attention gets bfloat16 memories alone and raises a dtype error.)
 - Nothing is done twice: sam2's `add_new_mask` consolidates every object's mask at video resolution after
   each prompt (quadratic in objects, and never read by tracking); here each prompt costs one decoder pass and
-  one memory encoding, and each frame one upsampling of all objects' masks to video resolution.
+  one memory encoding, and each frame one upsampling of all objects' masks to video resolution. And memory
+  attention's first layer begins with self-attention over the frame's own features, the same input for every
+  object: it runs once per frame and every object batch reuses it (`_SharedFirstSelfAttention`); sam2 runs it
+  once per object. Unbatched, masks stay bit-identical (the same call on the same input).
 
 Threads. The model runs in the caller's thread. Torch's OpenMP runtime (libgomp) gives every thread that runs
 a parallel op its own worker pool and stops spinning between parallel regions once there are more pool threads
@@ -149,6 +152,9 @@ class TrackStats:
     max_frames_ahead: int = 0  # most frames pulled beyond those yielded
     decode_thread: bool = False  # whether frames were decoded in a helper thread
     storage_device: str = ""  # where memories and stored masks were kept (cpu when offloaded)
+    # runs of memory attention's first self-attention, once per tracked frame when shared across objects
+    # (`_SharedFirstSelfAttention`); 0 when not shared (torch.compile), where sam2 runs it once per object
+    self_attention_runs: int = 0
 
 
 @dataclass
@@ -285,16 +291,22 @@ _IMG_MEAN = np.asarray((0.485, 0.456, 0.406), dtype=np.float32)[:, None, None]
 _IMG_STD = np.asarray((0.229, 0.224, 0.225), dtype=np.float32)[:, None, None]
 
 
+# sam2's loader maps each uint8 value v of channel c to float32(v / 255.0 in float64), then subtracts the mean
+# and divides by the std in float32. Every step is correctly rounded elementwise IEEE arithmetic that depends
+# on (c, v) alone, so a table of the 3 x 256 results gives the same bits with one gather per pixel.
+_NORMALIZED = ((np.arange(256) / 255.0).astype(np.float32)[None, :] - _IMG_MEAN[:, 0]) / _IMG_STD[:, 0]
+
+
 def preprocess_frame_numpy(rgb: np.ndarray, image_size: int, pin_memory: bool = False) -> torch.Tensor:
-    """sam2's JPEG-folder loader bit for bit (the same PIL resize, float64 /255, float32 mean/std), computed
-    with numpy so that the prefetch thread starts no OpenMP pool of torch's (see the module's docstring).
-    With `pin_memory` the result is written straight into page-locked memory for an asynchronous GPU copy."""
-    resized = np.array(Image.fromarray(rgb).resize((image_size, image_size)))
+    """sam2's JPEG-folder loader bit for bit (the same PIL resize, float64 /255, float32 mean/std; the last
+    three as a table, `_NORMALIZED`), computed with numpy so that the prefetch thread starts no OpenMP pool of
+    torch's (see the module's docstring). With `pin_memory` the result is written straight into page-locked
+    memory for an asynchronous GPU copy."""
+    resized = np.asarray(Image.fromarray(rgb).resize((image_size, image_size)))
     image = torch.empty((3, image_size, image_size), dtype=torch.float32, pin_memory=pin_memory)
     out = image.numpy()
-    out[:] = (resized / 255.0).transpose(2, 0, 1)  # float64 -> float32, as sam2 does
-    out -= _IMG_MEAN
-    out /= _IMG_STD
+    for c in range(3):
+        np.take(_NORMALIZED[c], resized[..., c], out=out[c], mode="clip")  # uint8 indices: clip never clips
     return image
 
 
@@ -462,6 +474,54 @@ def _mask_to_model_input(mask: np.ndarray, image_size: int, device: torch.device
 _STORED = ("maskmem_features", "pred_masks")
 
 
+class _SharedFirstSelfAttention:
+    """For one frame: the first memory-attention layer's self-attention (`_forward_sa`, over the frame's own
+    features plus their position encoding, before any object's memory is read) computed once, on one row,
+    and reused by every object batch of the frame. sam2 computes it per object on the same input, so the
+    reused result is the one each object's own call would give (bit for bit at one object per batch).
+
+    Installed on the layer instance for the frame's compute only and removed after; not used when the
+    memory attention is torch.compiled (`usable`), where the patch would break the compiled graph."""
+
+    def __init__(self, predictor):
+        self.layer = predictor.memory_attention.layers[0]
+        self.result: torch.Tensor | None = None
+        self.calls = 0  # times the layer's own self-attention ran
+
+    @staticmethod
+    def usable(predictor) -> bool:
+        attention = getattr(predictor, "memory_attention", None)
+        layers = getattr(attention, "layers", None)
+        return (layers is not None and len(layers) > 0 and getattr(attention, "batch_first", False)
+                and hasattr(layers[0], "_forward_sa") and "forward" not in vars(attention)  # not compiled
+                and not getattr(predictor, "_masklet_compiled", False))
+
+    def __enter__(self) -> "_SharedFirstSelfAttention":
+        self._before = vars(self.layer).get("_forward_sa")  # a wrapper someone put on the instance, if any
+        own = self.layer._forward_sa
+
+        def shared(tgt: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+            # batch-first: (objects, tokens, channels); every row is the same frame's features
+            if self.result is None:
+                self.result = own(tgt[:1], query_pos[:1])
+                self.calls += 1
+            if self.result.shape[1:] != tgt.shape[1:]:
+                raise RuntimeError(f"memory attention got inputs of shapes {tuple(self.result.shape[1:])} and "
+                                   f"{tuple(tgt.shape[1:])} within one frame; run with propagate.compile or "
+                                   f"report this")
+            return self.result if tgt.shape[0] == 1 else self.result.expand(tgt.shape[0], -1, -1)
+
+        self.layer._forward_sa = shared
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._before is None:
+            del self.layer._forward_sa  # back to the class's method
+        else:
+            self.layer._forward_sa = self._before
+        self.result = None
+
+
 class _Engine:
     """One item's tracking: prompts checked up front, then `frames(feed)` yields FrameMasks."""
 
@@ -505,6 +565,7 @@ class _Engine:
         self.next_frame = self.start
         self.storage_device = torch.device("cpu") if options.offload_state else self.device
         self._live: tuple | None = None
+        self._share_self_attention = not options.compile and _SharedFirstSelfAttention.usable(self.predictor)
 
     def _state(self, feed: _FrameFeed) -> dict:
         """sam2's inference state, reduced to the keys its per-frame methods read."""
@@ -636,34 +697,38 @@ class _Engine:
         oldest = oldest_readable_frame(pred, t + 1, self.num_frames)
         oldest_memory = oldest_memory_frame(pred, t + 1)
         pred_masks, scores = [], []
-        for batch in batches:
-            od = batch.output_dict
-            if t < batch.first_frame:  # not prompted yet: no mask, no score
-                low_res = self.model.image_size // 4
-                pred_masks.append(torch.full((len(batch.objects), 1, low_res, low_res), _NO_OBJECT_LOGIT,
-                                             dtype=torch.float32, device=self.device))
-                scores.append(torch.full((len(batch.objects), 1), float("nan"), device=self.device))
-                continue
-            current = od["cond_frame_outputs"].get(t)
-            if current is not None:
-                masks = current["pred_masks"].to(self.device, non_blocking=True)
-            else:
-                current, masks = pred._run_single_frame_inference(
-                    inference_state=state, output_dict=od, frame_idx=t, batch_size=len(batch.objects),
-                    is_init_cond_frame=False, point_inputs=None, mask_inputs=None, reverse=False,
-                    run_mem_encoder=True)
-                current.pop("pred_masks", None)  # the frame's masks are `masks`; no later frame reads them
-                od["non_cond_frame_outputs"][t] = current
-            non_cond = od["non_cond_frame_outputs"]
-            for old in [f for f in non_cond if f < oldest]:
-                del non_cond[old]
-            # What later frames read of a non-conditioning output: its spatial memory while it is within the
-            # memory window, its object pointer while within the pointer window (longer), never its masks.
-            for f in [f for f in non_cond if f < oldest_memory and len(non_cond[f]) > 1]:
-                non_cond[f] = {"obj_ptr": non_cond[f]["obj_ptr"]}
-            self.stats.max_non_cond_retained = max(self.stats.max_non_cond_retained, len(non_cond))
-            pred_masks.append(masks)
-            scores.append(current["object_score_logits"])
+        shared = _SharedFirstSelfAttention(pred) if self._share_self_attention else None
+        with shared or contextlib.nullcontext():
+            for batch in batches:
+                od = batch.output_dict
+                if t < batch.first_frame:  # not prompted yet: no mask, no score
+                    low_res = self.model.image_size // 4
+                    pred_masks.append(torch.full((len(batch.objects), 1, low_res, low_res), _NO_OBJECT_LOGIT,
+                                                 dtype=torch.float32, device=self.device))
+                    scores.append(torch.full((len(batch.objects), 1), float("nan"), device=self.device))
+                    continue
+                current = od["cond_frame_outputs"].get(t)
+                if current is not None:
+                    masks = current["pred_masks"].to(self.device, non_blocking=True)
+                else:
+                    current, masks = pred._run_single_frame_inference(
+                        inference_state=state, output_dict=od, frame_idx=t, batch_size=len(batch.objects),
+                        is_init_cond_frame=False, point_inputs=None, mask_inputs=None, reverse=False,
+                        run_mem_encoder=True)
+                    current.pop("pred_masks", None)  # the frame's masks are `masks`; no later frame reads them
+                    od["non_cond_frame_outputs"][t] = current
+                non_cond = od["non_cond_frame_outputs"]
+                for old in [f for f in non_cond if f < oldest]:
+                    del non_cond[old]
+                # What later frames read of a non-conditioning output: its spatial memory while it is within the
+                # memory window, its object pointer while within the pointer window (longer), never its masks.
+                for f in [f for f in non_cond if f < oldest_memory and len(non_cond[f]) > 1]:
+                    non_cond[f] = {"obj_ptr": non_cond[f]["obj_ptr"]}
+                self.stats.max_non_cond_retained = max(self.stats.max_non_cond_retained, len(non_cond))
+                pred_masks.append(masks)
+                scores.append(current["object_score_logits"])
+        if shared is not None:
+            self.stats.self_attention_runs += shared.calls
         all_masks = torch.cat(pred_masks) if len(pred_masks) > 1 else pred_masks[0]
         all_scores = torch.cat(scores) if len(scores) > 1 else scores[0]
         if order is not None:
