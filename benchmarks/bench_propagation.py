@@ -10,10 +10,15 @@ Pipeline: the prompt stage (the same AMG through pipeline.stages.prompt), then p
 pipeline.stages.decode, its masks written by the same Zarr writer behind the model (`write_behind`).
 
 It prints, measured in this run:
-- speed at each object count (`--objects`) on `--fps-frames` frames, both flows in this process, one after the
-  other after a warm-up: frames per second from the start of tracking (state creation, prompts added) to the
-  last mask written (the AMG is timed apart), their ratio, the share of that wall time spent inside the
-  model's forward calls (forward_image, track_step, the memory encoder), and whether the two flows' masks agree;
+- speed at each object count (`--objects`) on `--fps-frames` frames, both flows in this process after a
+  warm-up: frames per second from the start of tracking (state creation, prompts added) to the last mask
+  written (the AMG is timed apart), their ratio, the share of that wall time spent inside the model's forward
+  calls (forward_image, track_step, the memory encoder), the time per frame outside them (each flow's own
+  overhead), and whether the two flows' masks agree. On a CPU the two flows run interleaved, a frame of one
+  then a frame of the other, each timed over its own steps: on a shared host (a virtual machine) speed drifts
+  by 10-20% from minute to minute, more than the difference being measured, and interleaving makes the drift
+  hit both flows alike (`--sequential`: one after the other, as on a GPU, where the pipeline's writer thread
+  would overlap the other flow's steps);
 - peak memory of each flow at each video length (`--lengths`), each run in a fresh process so that the two do
   not share an allocator: peak RSS on CPU, torch.cuda.max_memory_allocated on CUDA. These runs use
   `--memory-objects` objects (default 1) prompted with grid boxes and no AMG, so the peak is propagation's own;
@@ -53,7 +58,7 @@ from pipeline.records import FrameMasks, MediaItem, Prompt  # noqa: E402
 from pipeline.stages.decode import frame_files, open_frames  # noqa: E402
 from pipeline.stages.models import LoadedModel, load_model  # noqa: E402
 from pipeline.stages.prompt import make_generator, prompt_keyframe, select_records  # noqa: E402
-from pipeline.stages.track import TrackOptions, resolve_autocast, track, write_behind  # noqa: E402
+from pipeline.stages.track import TrackOptions, resolve_autocast, spare_core, track, write_behind  # noqa: E402
 from pipeline.store.masks import MaskWriter  # noqa: E402
 
 MiB = 1024 * 1024
@@ -72,6 +77,8 @@ class ModelTimer:
     def __init__(self, predictor):
         self.predictor = predictor
         self.seconds = 0.0
+        self.by_flow: dict[str, float] = {}  # when flows are interleaved: seconds per `flow`
+        self.flow: str | None = None
         self._local = threading.local()
 
     def _wrap(self, fn):
@@ -85,7 +92,10 @@ class ModelTimer:
                 return fn(*args, **kwargs)
             finally:
                 _sync(self.predictor.device)
-                self.seconds += time.perf_counter() - t0
+                spent = time.perf_counter() - t0
+                self.seconds += spent
+                if self.flow is not None:
+                    self.by_flow[self.flow] = self.by_flow.get(self.flow, 0.0) + spent
                 self._local.depth = 0
         return timed
 
@@ -220,8 +230,8 @@ def as_prompts(masks: list[np.ndarray], source: str) -> list[Prompt]:
 @dataclass
 class FlowResult:
     frames: int
-    seconds: float  # state creation to last mask written
-    model_seconds: float
+    seconds: float = 0.0  # state creation to last mask written
+    model_seconds: float = 0.0
     amg_seconds: float = 0.0
     amg_masks: int = 0
     array: object = None  # the written Zarr array
@@ -240,6 +250,19 @@ class FlowResult:
     def model_share(self) -> float:
         return self.model_seconds / self.seconds
 
+    @property
+    def outside_ms(self) -> float:
+        """Milliseconds per frame spent outside the model's forward calls: the flow's own overhead."""
+        return 1000 * (self.seconds - self.model_seconds) / self.frames
+
+
+def pooled(runs: list[FlowResult]) -> FlowResult:
+    """The undisturbed runs (all of them if none was) as one: total frames over total seconds."""
+    kept = [r for r in runs if r.quiet] or runs
+    return FlowResult(sum(r.frames for r in kept), sum(r.seconds for r in kept),
+                      sum(r.model_seconds for r in kept), array=kept[0].array, extra=kept[0].extra,
+                      others_cores=max((r.others_cores for r in kept if r.others_cores is not None), default=None))
+
 
 def plain_amg(model: LoadedModel, folder: Path, cfg: PromptConfig) -> list[np.ndarray]:
     """sam2's own AMG on frame 0 read as sam2's loader reads it; our selection rule (it runs no model code)."""
@@ -253,27 +276,25 @@ def plain_amg(model: LoadedModel, folder: Path, cfg: PromptConfig) -> list[np.nd
     return [np.asarray(r["segmentation"], bool) for r in select_records(amg.generate(frame0), cfg)]
 
 
-def plain_flow(model: LoadedModel, folder: Path, masks: list[np.ndarray], out: RunPaths, tag: str) -> FlowResult:
-    """sam2's video predictor as its README uses it, masks written to Zarr as each frame arrives."""
+def plain_steps(model: LoadedModel, folder: Path, masks: list[np.ndarray], out: RunPaths, tag: str,
+                result: "FlowResult"):
+    """sam2's video predictor as its README uses it, masks written to Zarr as each frame arrives; one step per
+    frame (state creation and prompts are the first step), filling `result` (not its timings)."""
     predictor = model.predictor
     height, width = masks[0].shape
-    frames = len(frame_files(str(folder)))
-    autocast = resolve_autocast("auto", model.device)
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if autocast == "bf16" else contextlib.nullcontext())
-    with ModelTimer(predictor) as timer, amp:
-        t0 = time.perf_counter()
-        state = predictor.init_state(video_path=str(folder))
-        for obj_id, m in enumerate(masks):
-            predictor.add_new_mask(state, frame_idx=0, obj_id=obj_id, mask=m)
-        writer = MaskWriter(out, tag, len(masks), frames, height, width, StoreConfig(), {})
-        nan = np.full(len(masks), np.nan, np.float32)
-        with torch.inference_mode():
-            for t, obj_ids, video_res_masks in predictor.propagate_in_video(state):
-                writer.write(FrameMasks(t, t, tuple(obj_ids), (video_res_masks[:, 0] > 0.0).cpu().numpy(), nan))
-        writer.finish()
-        _sync(model.device)
-        seconds = time.perf_counter() - t0
-    return FlowResult(frames, seconds, timer.seconds, array=writer.array)
+    state = predictor.init_state(video_path=str(folder))
+    for obj_id, m in enumerate(masks):
+        predictor.add_new_mask(state, frame_idx=0, obj_id=obj_id, mask=m)
+    writer = MaskWriter(out, tag, len(masks), result.frames, height, width, StoreConfig(), {})
+    nan = np.full(len(masks), np.nan, np.float32)
+    frames = predictor.propagate_in_video(state)  # sam2 runs it in inference mode, step by step
+    yield
+    for t, obj_ids, video_res_masks in frames:
+        writer.write(FrameMasks(t, t, tuple(obj_ids), (video_res_masks[:, 0] > 0.0).cpu().numpy(), nan))
+        yield
+    writer.finish()
+    _sync(model.device)
+    result.array = writer.array
 
 
 def pipeline_amg(model: LoadedModel, folder: Path, cfg: PromptConfig, height: int, width: int) -> list[np.ndarray]:
@@ -283,28 +304,92 @@ def pipeline_amg(model: LoadedModel, folder: Path, cfg: PromptConfig, height: in
     return [p.mask for p in prompt_keyframe(make_generator(model, cfg), rgb, cfg, frame=0)]
 
 
-def pipeline_flow(model: LoadedModel, folder: Path, masks: list[np.ndarray], out: RunPaths, tag: str,
-                  options: TrackOptions) -> FlowResult:
-    """pipeline.stages.decode -> track -> the same Zarr writer, writing behind the model."""
+def pipeline_steps(model: LoadedModel, folder: Path, masks: list[np.ndarray], out: RunPaths, tag: str,
+                   options: TrackOptions, result: "FlowResult", write_thread: bool | None = None):
+    """pipeline.stages.decode -> track -> the same Zarr writer, writing behind the model; one step per frame
+    when the writes run in the model's thread (`write_thread` False, as on a CPU without a spare core), else
+    a single step for the whole run (write_behind's own loop)."""
     height, width = masks[0].shape
-    frames = len(frame_files(str(folder)))
-    item = MediaItem(item_id="bench", path=str(folder), kind="frames", num_frames=frames, width=width, height=height)
+    item = MediaItem(item_id="bench", path=str(folder), kind="frames", num_frames=result.frames, width=width,
+                     height=height)
     source = open_frames(item)
-    prompts = as_prompts(masks, "bench")
-    with ModelTimer(model.predictor) as timer:
-        t0 = time.perf_counter()
-        writer = MaskWriter(out, tag, len(masks), frames, height, width, StoreConfig(), {})
-        stream = track(model, (rgb for _, rgb in source), frames, height, width, prompts, source.source_frames,
-                       options)
-        written = write_behind(stream, writer.write)
-        writer.finish()
-        _sync(model.device)
-        seconds = time.perf_counter() - t0
+    writer = MaskWriter(out, tag, len(masks), result.frames, height, width, StoreConfig(), {})
+    stream = track(model, (rgb for _, rgb in source), result.frames, height, width, as_prompts(masks, "bench"),
+                   source.source_frames, options)
+    if write_thread is None:
+        write_thread = spare_core(model.device)
+    if write_thread:
+        written = write_behind(stream, writer.write, thread=True)
+    else:  # write_behind's loop when no core is free for a writer thread, a frame per step
+        yield
+        written = 0
+        for fm in stream:
+            writer.write(fm)
+            written += 1
+            yield
+    writer.finish()
+    _sync(model.device)
     stats = stream.stats
-    return FlowResult(written, seconds, timer.seconds, array=writer.array,
-                      extra={"object_batch": stats.object_batch, "autocast": stats.autocast,
-                             "max_non_cond_retained": stats.max_non_cond_retained,
-                             "memory_window": stats.memory_window, "max_frames_alive": stats.max_frames_alive})
+    result.frames, result.array = written, writer.array
+    result.extra = {"object_batch": stats.object_batch, "autocast": stats.autocast,
+                    "max_non_cond_retained": stats.max_non_cond_retained, "memory_window": stats.memory_window,
+                    "max_frames_alive": stats.max_frames_alive, "self_attention_runs": stats.self_attention_runs}
+
+
+def run_flows(model: LoadedModel, steps: dict[str, object], results: dict[str, "FlowResult"],
+              interleave: bool) -> None:
+    """Run the flows' step generators, timing each flow's steps apart (and its model calls). Interleaved: a
+    step of one, then a step of the other, which goes first alternating every frame, so that whatever else
+    slows the machine (other tenants of a virtual machine's host) slows both flows alike. Else one flow to
+    its end, then the next."""
+    with ModelTimer(model.predictor) as timer:
+        live = list(steps)
+        turn = 0
+        while live:
+            order = live if turn % 2 == 0 or not interleave else live[::-1]
+            for flow in list(order if interleave else order[:1]):
+                timer.flow = flow
+                t0 = time.perf_counter()
+                try:
+                    next(steps[flow])
+                except StopIteration:
+                    live.remove(flow)
+                results[flow].seconds += time.perf_counter() - t0
+            turn += 1
+        for flow, r in results.items():
+            r.model_seconds = timer.by_flow.get(flow, 0.0)
+
+
+def plain_flow(model: LoadedModel, folder: Path, masks: list[np.ndarray], out: RunPaths, tag: str) -> "FlowResult":
+    result = FlowResult(len(frame_files(str(folder))))
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16)
+           if resolve_autocast("auto", model.device) == "bf16" else contextlib.nullcontext())
+    with amp:
+        run_flows(model, {"plain": plain_steps(model, folder, masks, out, tag, result)}, {"plain": result}, False)
+    return result
+
+
+def pipeline_flow(model: LoadedModel, folder: Path, masks: list[np.ndarray], out: RunPaths, tag: str,
+                  options: TrackOptions) -> "FlowResult":
+    result = FlowResult(len(frame_files(str(folder))))
+    run_flows(model, {"pipeline": pipeline_steps(model, folder, masks, out, tag, options, result)},
+              {"pipeline": result}, False)
+    return result
+
+
+def both_flows(model: LoadedModel, folder: Path, plain_masks: list[np.ndarray], pipe_masks: list[np.ndarray],
+               out: RunPaths, tag: str, options: TrackOptions, first: str) -> dict[str, "FlowResult"]:
+    """Both flows interleaved frame by frame (`first` steps first on even frames), on a CPU: each flow's
+    seconds are its own steps' (see run_flows)."""
+    frames = len(frame_files(str(folder)))
+    results = {"plain": FlowResult(frames), "pipeline": FlowResult(frames)}
+    steps = {"plain": plain_steps(model, folder, plain_masks, out, f"plain-{tag}", results["plain"]),
+             "pipeline": pipeline_steps(model, folder, pipe_masks, out, f"pipeline-{tag}", options,
+                                        results["pipeline"], write_thread=False)}
+    if first == "pipeline":
+        steps = {"pipeline": steps["pipeline"], "plain": steps["plain"]}
+    run_flows(model, steps, results, interleave=True)
+    return results
 
 
 def compare_masks(a, b) -> str:
@@ -501,7 +586,10 @@ def parse_args(argv=None):
     ap.add_argument("--objects", type=int, nargs="+", default=defaults["objects"])
     ap.add_argument("--lengths", type=int, nargs="+", default=defaults["lengths"])
     ap.add_argument("--fps-frames", type=int, default=12, help="frames of the speed runs")
-    ap.add_argument("--repeats", type=int, default=2, help="speed runs per flow and object count (fastest kept)")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="speed runs per flow and object count (the undisturbed ones pooled)")
+    ap.add_argument("--sequential", action="store_true",
+                    help="on a CPU too, run the flows one after the other instead of interleaved frame by frame")
     ap.add_argument("--max-repeats", type=int, default=4,
                     help="runs per flow at most, when other processes disturbed the first ones")
     ap.add_argument("--memory-objects", type=int, default=1, help="objects of the peak-memory runs")
@@ -536,7 +624,9 @@ def main(argv=None) -> None:
 
     import sam2.sam2_video_predictor as svp
 
-    svp.tqdm = lambda iterable, *a, **k: iterable  # keep sam2's progress bars out of the table
+    import sam2.utils.misc as sam2_misc
+
+    svp.tqdm = sam2_misc.tqdm = lambda iterable, *a, **k: iterable  # keep sam2's progress bars out of the table
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bench-propagation-"))
     try:
@@ -562,8 +652,9 @@ def main(argv=None) -> None:
         plain_flow(model, warm, warm_masks, out, "warm-plain")
         pipeline_flow(model, warm, warm_masks, out, "warm-pipeline", options)
 
+        interleave = model.device.type == "cpu" and not args.sequential
         rows = []
-        for n in args.objects:
+        for index, n in enumerate(args.objects):
             cfg = prompt_config(model, n)
             t0 = time.perf_counter()
             plain_prompt = plain_amg(model, fps_folder, cfg)
@@ -576,30 +667,40 @@ def main(argv=None) -> None:
             amg_count = len(pipe_prompt)
             runs = {"plain": [], "pipeline": []}
             rep = 0
-            # Alternate which flow goes first; a run during which other processes used more than
-            # QUIET_CORES is run again, up to --max-repeats runs per flow.
+            # A run during which other processes used more than QUIET_CORES is run again, up to --max-repeats
+            # runs per flow. Interleaved (CPU): which flow steps first alternates by frame, by run and by
+            # object count. Sequential: which flow runs first alternates by run and object count.
             while rep < args.max_repeats and (rep < args.repeats or not all(
                     any(r.quiet for r in runs[flow]) for flow in runs)):
-                order = ("plain", "pipeline") if rep % 2 == 0 else ("pipeline", "plain")
-                for flow in order:
+                first = ("plain", "pipeline")[(rep + index) % 2]
+                plain_masks = pad_with_grid(plain_prompt, n, height, width)
+                pipe_masks = pad_with_grid(pipe_prompt, n, height, width)
+                if interleave:
                     with OthersCPU() as others:
-                        if flow == "plain":
-                            r = plain_flow(model, fps_folder, pad_with_grid(plain_prompt, n, height, width), out,
-                                           f"plain-{n}-{rep}")
-                        else:
-                            r = pipeline_flow(model, fps_folder, pad_with_grid(pipe_prompt, n, height, width), out,
-                                              f"pipeline-{n}-{rep}", options)
-                    r.others_cores = others.cores
+                        got = both_flows(model, fps_folder, plain_masks, pipe_masks, out, f"{n}-{rep}", options,
+                                         first)
+                    for r in got.values():
+                        r.others_cores = others.cores
+                else:
+                    got = {}
+                    for flow in (first, "pipeline" if first == "plain" else "plain"):
+                        with OthersCPU() as others:
+                            got[flow] = (plain_flow(model, fps_folder, plain_masks, out, f"plain-{n}-{rep}")
+                                         if flow == "plain" else
+                                         pipeline_flow(model, fps_folder, pipe_masks, out, f"pipeline-{n}-{rep}",
+                                                       options))
+                        got[flow].others_cores = others.cores
+                for flow in ("plain", "pipeline"):
+                    r = got[flow]
                     runs[flow].append(r)
-                    print(f"  speed, {n} objects, {flow}: {r.fps:.3f} fps, model share {r.model_share:.1%}, "
+                    print(f"  speed, {n} objects, run {rep + 1} ({first} first), {flow}: {r.fps:.3f} fps, "
+                          f"model share {r.model_share:.1%}, outside the model {r.outside_ms:.0f} ms/frame, "
                           f"others {_fmt_cores(r.others_cores)} cores", flush=True)
                 rep += 1
-            plain = max(runs["plain"], key=lambda r: (r.quiet, r.fps))  # the fastest quiet run
-            pipe = max(runs["pipeline"], key=lambda r: (r.quiet, r.fps))
+            plain, pipe = pooled(runs["plain"]), pooled(runs["pipeline"])
             agree = compare_masks(runs["plain"][0].array, runs["pipeline"][0].array)
             rows.append((n, amg_count, same_prompts, plain_amg_s, pipe_amg_s, plain, pipe, agree,
-                         " / ".join(f"{r.fps:.3f}" for r in runs["plain"]) + " vs "
-                         + " / ".join(f"{r.fps:.3f}" for r in runs["pipeline"])))
+                         " / ".join(f"{q.fps / p.fps:.3f}" for p, q in zip(runs["plain"], runs["pipeline"]))))
             print(f"  speed, {n} objects: plain {plain.fps:.3f} fps, pipeline {pipe.fps:.3f} fps "
                   f"(object batch {pipe.extra['object_batch']}), masks {agree}", flush=True)
 
@@ -614,21 +715,26 @@ def main(argv=None) -> None:
 
         # --- the table ---
         print()
+        how = ("interleaved frame by frame, each flow timed over its own steps (so that a host's slowdowns hit "
+               "both alike), which flow steps first alternating" if interleave else
+               "one after the other, which flow runs first alternating")
         print(f"## Speed: {args.fps_frames} frames at image size {model.image_size}, both flows in one process "
-              f"after a warm-up, {args.repeats} runs each in alternating order (more, up to {args.max_repeats}, "
-              f"while other processes used over {QUIET_CORES} cores), the fastest undisturbed run kept")
+              f"after a warm-up, {how}; {args.repeats} runs (more, up to {args.max_repeats}, while other processes "
+              f"used over {QUIET_CORES} cores), the undisturbed runs pooled")
         print("fps = frames / seconds from state creation to the last mask written (AMG timed apart); model share "
-              "= time inside forward_image + track_step + memory encoder / that wall time; 'others' = cores used "
-              "by other processes meanwhile")
-        print("| objects | prompts (AMG+grid) | plain fps | pipeline fps | ratio | plain model share | "
-              "pipeline model share | AMG s plain / pipeline | masks | others plain / pipeline | runs |")
+              "= time inside forward_image + track_step + memory encoder / that wall time; outside = the rest, "
+              "per frame; 'others' = cores used by other processes meanwhile (most of any run kept); runs = "
+              "each run's ratio")
+        print("| objects | prompts (AMG+grid) | plain fps | pipeline fps | ratio | model share plain / pipeline | "
+              "outside the model ms/frame plain / pipeline | AMG s plain / pipeline | masks | others | runs |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         for n, amg_count, same, pa, pp, plain, pipe, agree, all_runs in rows:
             used = min(amg_count, n)
             prompts = f"{used}+{n - used}" + ("" if same else " (AMGs differ!)")
-            print(f"| {n} | {prompts} | {plain.fps:.3f} | {pipe.fps:.3f} | {pipe.fps / plain.fps:.2f}x | "
-                  f"{plain.model_share:.1%} | {pipe.model_share:.1%} | {pa:.1f} / {pp:.1f} | {agree} | "
-                  f"{_fmt_cores(plain.others_cores)} / {_fmt_cores(pipe.others_cores)} | {all_runs} |")
+            others = max((c for c in (plain.others_cores, pipe.others_cores) if c is not None), default=None)
+            print(f"| {n} | {prompts} | {plain.fps:.3f} | {pipe.fps:.3f} | {pipe.fps / plain.fps:.3f}x | "
+                  f"{plain.model_share:.1%} / {pipe.model_share:.1%} | {plain.outside_ms:.0f} / {pipe.outside_ms:.0f} | "
+                  f"{pa:.1f} / {pp:.1f} | {agree} | {_fmt_cores(others)} | {all_runs} |")
         what = ("peak RSS (VmHWM, reset once the model is built: building it peaks higher than tracking a small "
                 "model does; 'at start' is the RSS then)" if model.device.type == "cpu"
                 else "torch.cuda.max_memory_allocated, reset once the model is built ('at start': allocated then)")
