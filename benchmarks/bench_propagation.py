@@ -6,8 +6,11 @@
 
 Plain flow, as sam2's README does it: SAM2AutomaticMaskGenerator on frame 0, `init_state` on the JPEG folder,
 `add_new_mask` per object, `propagate_in_video`, each frame's masks written to Zarr as it arrives.
-Pipeline: the prompt stage (the same AMG through pipeline.stages.prompt), then pipeline.stages.track fed by
-pipeline.stages.decode, its masks written by the same Zarr writer behind the model (`write_behind`).
+Pipeline: the prompt stage (sam2's AMG through pipeline.stages.prompt, on frame 0 preprocessed as tracking
+preprocesses it: `share_features`), then pipeline.stages.track fed by pipeline.stages.decode and reusing the
+prompt stage's features of frame 0, its masks written by the same Zarr writer behind the model
+(`write_behind`). Both flows track the same masks, the stock AMG's, so that their outputs can be compared (the
+pipeline's own AMG masks, from a slightly different resize of frame 0, are counted in the table).
 
 It prints, measured in this run:
 - speed at each object count (`--objects`) on `--fps-frames` frames, both flows in this process after a
@@ -57,7 +60,9 @@ from pipeline.paths import RunPaths  # noqa: E402
 from pipeline.records import FrameMasks, MediaItem, Prompt  # noqa: E402
 from pipeline.stages.decode import frame_files, open_frames  # noqa: E402
 from pipeline.stages.models import LoadedModel, load_model  # noqa: E402
-from pipeline.stages.prompt import make_generator, prompt_keyframe, select_records  # noqa: E402
+from pipeline.stages.prompt import (  # noqa: E402
+    KeyframeFeatures, amg_kwargs, make_generator, prompt_and_encode_keyframe, select_records,
+)
 from pipeline.stages.track import TrackOptions, resolve_autocast, spare_core, track, write_behind  # noqa: E402
 from pipeline.store.masks import MaskWriter  # noqa: E402
 
@@ -268,8 +273,7 @@ def plain_amg(model: LoadedModel, folder: Path, cfg: PromptConfig) -> list[np.nd
     """sam2's own AMG on frame 0 read as sam2's loader reads it; our selection rule (it runs no model code)."""
     from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 
-    kwargs = {k: v for k, v in cfg.__dict__.items() if k not in ("min_area", "max_objects")}
-    amg = SAM2AutomaticMaskGenerator(model.predictor, **kwargs)
+    amg = SAM2AutomaticMaskGenerator(model.predictor, **amg_kwargs(cfg))
     s = model.image_size
     amg.predictor._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
     frame0 = np.array(Image.open(folder / "00000.jpg").convert("RGB"))
@@ -297,15 +301,19 @@ def plain_steps(model: LoadedModel, folder: Path, masks: list[np.ndarray], out: 
     result.array = writer.array
 
 
-def pipeline_amg(model: LoadedModel, folder: Path, cfg: PromptConfig, height: int, width: int) -> list[np.ndarray]:
-    """The pipeline's prompt stage on frame 0 as pipeline.stages.decode reads it."""
+def pipeline_amg(model: LoadedModel, folder: Path, cfg: PromptConfig, height: int,
+                 width: int) -> tuple[list[np.ndarray], KeyframeFeatures | None]:
+    """The pipeline's prompt stage on frame 0 as pipeline.stages.decode reads it: its masks, and with
+    `cfg.share_features` (the default) the frame's features, which tracking reuses."""
     item = MediaItem(item_id="bench", path=str(folder), kind="frames", num_frames=1, width=width, height=height)
     _, rgb = next(iter(open_frames(item)))
-    return [p.mask for p in prompt_keyframe(make_generator(model, cfg), rgb, cfg, frame=0)]
+    prompts, keyframe = prompt_and_encode_keyframe(make_generator(model, cfg), rgb, cfg, frame=0)
+    return [p.mask for p in prompts], keyframe
 
 
 def pipeline_steps(model: LoadedModel, folder: Path, masks: list[np.ndarray], out: RunPaths, tag: str,
-                   options: TrackOptions, result: "FlowResult", write_thread: bool | None = None):
+                   options: TrackOptions, result: "FlowResult", write_thread: bool | None = None,
+                   keyframe: KeyframeFeatures | None = None):
     """pipeline.stages.decode -> track -> the same Zarr writer, writing behind the model; one step per frame
     when the writes run in the model's thread (`write_thread` False, as on a CPU without a spare core), else
     a single step for the whole run (write_behind's own loop)."""
@@ -315,7 +323,7 @@ def pipeline_steps(model: LoadedModel, folder: Path, masks: list[np.ndarray], ou
     source = open_frames(item)
     writer = MaskWriter(out, tag, len(masks), result.frames, height, width, StoreConfig(), {})
     stream = track(model, (rgb for _, rgb in source), result.frames, height, width, as_prompts(masks, "bench"),
-                   source.source_frames, options)
+                   source.source_frames, options, keyframe=keyframe)
     if write_thread is None:
         write_thread = spare_core(model.device)
     if write_thread:
@@ -333,7 +341,8 @@ def pipeline_steps(model: LoadedModel, folder: Path, masks: list[np.ndarray], ou
     result.frames, result.array = written, writer.array
     result.extra = {"object_batch": stats.object_batch, "autocast": stats.autocast,
                     "max_non_cond_retained": stats.max_non_cond_retained, "memory_window": stats.memory_window,
-                    "max_frames_alive": stats.max_frames_alive, "self_attention_runs": stats.self_attention_runs}
+                    "max_frames_alive": stats.max_frames_alive, "self_attention_runs": stats.self_attention_runs,
+                    "keyframe_reused": stats.keyframe_reused}
 
 
 def run_flows(model: LoadedModel, steps: dict[str, object], results: dict[str, "FlowResult"],
@@ -370,22 +379,23 @@ def plain_flow(model: LoadedModel, folder: Path, masks: list[np.ndarray], out: R
 
 
 def pipeline_flow(model: LoadedModel, folder: Path, masks: list[np.ndarray], out: RunPaths, tag: str,
-                  options: TrackOptions) -> "FlowResult":
+                  options: TrackOptions, keyframe: KeyframeFeatures | None = None) -> "FlowResult":
     result = FlowResult(len(frame_files(str(folder))))
-    run_flows(model, {"pipeline": pipeline_steps(model, folder, masks, out, tag, options, result)},
+    run_flows(model, {"pipeline": pipeline_steps(model, folder, masks, out, tag, options, result,
+                                                 keyframe=keyframe)},
               {"pipeline": result}, False)
     return result
 
 
-def both_flows(model: LoadedModel, folder: Path, plain_masks: list[np.ndarray], pipe_masks: list[np.ndarray],
-               out: RunPaths, tag: str, options: TrackOptions, first: str) -> dict[str, "FlowResult"]:
+def both_flows(model: LoadedModel, folder: Path, masks: list[np.ndarray], out: RunPaths, tag: str,
+               options: TrackOptions, first: str, keyframe: KeyframeFeatures | None) -> dict[str, "FlowResult"]:
     """Both flows interleaved frame by frame (`first` steps first on even frames), on a CPU: each flow's
     seconds are its own steps' (see run_flows)."""
     frames = len(frame_files(str(folder)))
     results = {"plain": FlowResult(frames), "pipeline": FlowResult(frames)}
-    steps = {"plain": plain_steps(model, folder, plain_masks, out, f"plain-{tag}", results["plain"]),
-             "pipeline": pipeline_steps(model, folder, pipe_masks, out, f"pipeline-{tag}", options,
-                                        results["pipeline"], write_thread=False)}
+    steps = {"plain": plain_steps(model, folder, masks, out, f"plain-{tag}", results["plain"]),
+             "pipeline": pipeline_steps(model, folder, masks, out, f"pipeline-{tag}", options,
+                                        results["pipeline"], write_thread=False, keyframe=keyframe)}
     if first == "pipeline":
         steps = {"pipeline": steps["pipeline"], "plain": steps["plain"]}
     run_flows(model, steps, results, interleave=True)
@@ -660,11 +670,18 @@ def main(argv=None) -> None:
             plain_prompt = plain_amg(model, fps_folder, cfg)
             plain_amg_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            pipe_prompt = pipeline_amg(model, fps_folder, cfg, height, width)
+            pipe_prompt, keyframe = pipeline_amg(model, fps_folder, cfg, height, width)
             pipe_amg_s = time.perf_counter() - t0
             same_prompts = len(plain_prompt) == len(pipe_prompt) and all(
                 np.array_equal(a, b) for a, b in zip(plain_prompt, pipe_prompt))
-            amg_count = len(pipe_prompt)
+            amg_note = ("" if same_prompts else
+                        f" (pipeline AMG: {len(pipe_prompt)} masks, not the same"
+                        + (", frame preprocessed for tracking)" if cfg.share_features else "!)"))
+            amg_count = len(plain_prompt)
+            # Both flows track the same masks, the stock AMG's (padded with grid boxes), so that their masks can
+            # be compared; the pipeline's AMG (on frame 0 preprocessed as for tracking, share_features) gave
+            # `pipe_prompt` and the frame's features, which its tracking reuses.
+            masks = pad_with_grid(plain_prompt, n, height, width)
             runs = {"plain": [], "pipeline": []}
             rep = 0
             # A run during which other processes used more than QUIET_CORES is run again, up to --max-repeats
@@ -673,22 +690,19 @@ def main(argv=None) -> None:
             while rep < args.max_repeats and (rep < args.repeats or not all(
                     any(r.quiet for r in runs[flow]) for flow in runs)):
                 first = ("plain", "pipeline")[(rep + index) % 2]
-                plain_masks = pad_with_grid(plain_prompt, n, height, width)
-                pipe_masks = pad_with_grid(pipe_prompt, n, height, width)
                 if interleave:
                     with OthersCPU() as others:
-                        got = both_flows(model, fps_folder, plain_masks, pipe_masks, out, f"{n}-{rep}", options,
-                                         first)
+                        got = both_flows(model, fps_folder, masks, out, f"{n}-{rep}", options, first, keyframe)
                     for r in got.values():
                         r.others_cores = others.cores
                 else:
                     got = {}
                     for flow in (first, "pipeline" if first == "plain" else "plain"):
                         with OthersCPU() as others:
-                            got[flow] = (plain_flow(model, fps_folder, plain_masks, out, f"plain-{n}-{rep}")
+                            got[flow] = (plain_flow(model, fps_folder, masks, out, f"plain-{n}-{rep}")
                                          if flow == "plain" else
-                                         pipeline_flow(model, fps_folder, pipe_masks, out, f"pipeline-{n}-{rep}",
-                                                       options))
+                                         pipeline_flow(model, fps_folder, masks, out, f"pipeline-{n}-{rep}",
+                                                       options, keyframe))
                         got[flow].others_cores = others.cores
                 for flow in ("plain", "pipeline"):
                     r = got[flow]
@@ -699,10 +713,12 @@ def main(argv=None) -> None:
                 rep += 1
             plain, pipe = pooled(runs["plain"]), pooled(runs["pipeline"])
             agree = compare_masks(runs["plain"][0].array, runs["pipeline"][0].array)
-            rows.append((n, amg_count, same_prompts, plain_amg_s, pipe_amg_s, plain, pipe, agree,
+            rows.append((n, amg_count, amg_note, plain_amg_s, pipe_amg_s, plain, pipe, agree,
                          " / ".join(f"{q.fps / p.fps:.3f}" for p, q in zip(runs["plain"], runs["pipeline"]))))
             print(f"  speed, {n} objects: plain {plain.fps:.3f} fps, pipeline {pipe.fps:.3f} fps "
-                  f"(object batch {pipe.extra['object_batch']}), masks {agree}", flush=True)
+                  f"(object batch {pipe.extra['object_batch']}, keyframe features reused "
+                  f"{pipe.extra['keyframe_reused']}, first self-attention runs {pipe.extra['self_attention_runs']} "
+                  f"for {args.fps_frames - 1} frames), masks {agree}", flush=True)
 
         memory = {}
         for length in args.lengths:
@@ -728,9 +744,9 @@ def main(argv=None) -> None:
         print("| objects | prompts (AMG+grid) | plain fps | pipeline fps | ratio | model share plain / pipeline | "
               "outside the model ms/frame plain / pipeline | AMG s plain / pipeline | masks | others | runs |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
-        for n, amg_count, same, pa, pp, plain, pipe, agree, all_runs in rows:
+        for n, amg_count, amg_note, pa, pp, plain, pipe, agree, all_runs in rows:
             used = min(amg_count, n)
-            prompts = f"{used}+{n - used}" + ("" if same else " (AMGs differ!)")
+            prompts = f"{used}+{n - used}{amg_note}"
             others = max((c for c in (plain.others_cores, pipe.others_cores) if c is not None), default=None)
             print(f"| {n} | {prompts} | {plain.fps:.3f} | {pipe.fps:.3f} | {pipe.fps / plain.fps:.3f}x | "
                   f"{plain.model_share:.1%} / {pipe.model_share:.1%} | {plain.outside_ms:.0f} / {pipe.outside_ms:.0f} | "

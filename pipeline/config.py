@@ -66,6 +66,11 @@ class PromptConfig:
     multimask_output: bool = True
     min_area: int = 1  # drop prompts whose mask has fewer pixels (empty masks can survive NMS)
     max_objects: int = 64  # keep the best-scoring masks (predicted IoU x stability) up to this many
+    # The AMG reads the keyframe preprocessed as sam2's video predictor preprocesses frames (PIL resize), and
+    # tracking reuses the image features it computed there instead of encoding the frame again. False: the AMG
+    # preprocesses as SAM2ImagePredictor does (torchvision resize; stock AMG masks), and the frame is encoded
+    # twice.
+    share_features: bool = True
 
 
 @dataclass(frozen=True)

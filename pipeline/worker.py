@@ -25,7 +25,7 @@ from pipeline.plan import RunPlan, config_fingerprint, load_run
 from pipeline.records import FrameMasks, ItemResult, MediaItem
 from pipeline.stages.decode import display_path, open_frames, utf8_text
 from pipeline.stages.models import LoadedModel, load_model
-from pipeline.stages.prompt import make_generator, prompt_keyframe
+from pipeline.stages.prompt import make_generator, prompt_and_encode_keyframe
 from pipeline.stages.track import (MediaEnded, TrackerState, TrackOptions, Tracking, spare_core, track,
                                    write_behind)
 from pipeline.store import metadata
@@ -141,10 +141,10 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models) 
     resume = partial.start() if partial else None
     if resume is None:
         t0 = time.perf_counter()
-        prompts = prompt_keyframe(models.generator, first, cfg.prompt, frame=0)
+        prompts, keyframe = prompt_and_encode_keyframe(models.generator, first, cfg.prompt, frame=0)
         seconds_prompt = time.perf_counter() - t0
     else:
-        prompts, seconds_prompt = resume.prompts, resume.seconds_prompt
+        prompts, seconds_prompt, keyframe = resume.prompts, resume.seconds_prompt, None
         log.info("item %s: continuing from its checkpoint at frame %d of %d", item.item_id, resume.next_frame,
                  num_frames)
     if partial and not (prompts and cfg.propagate.enabled):
@@ -168,7 +168,9 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models) 
         if prompts and cfg.propagate.enabled:
             stream = track(model, itertools.chain([first], frames), num_frames, height, width, prompts,
                            source.source_frames, models.track_options(),
-                           resume=TrackerState.from_payload(resume.tracker) if resume else None)
+                           resume=TrackerState.from_payload(resume.tracker) if resume else None,
+                           keyframe=keyframe)
+            keyframe = None  # tracking holds it until its first frame is done, then drops it
             checkpointed_rows = len(rows)
 
             def write(x: FrameMasks | _Checkpoint) -> None:  # in a writer thread where a core is free

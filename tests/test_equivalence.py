@@ -6,6 +6,10 @@ SAM2VideoPredictor.init_state on the folder, add_new_mask per mask, propagate_in
 settings. The pipeline decodes frames itself and feeds them lazily, preprocessing exactly as sam2's JPEG
 loader does, so the masks must be identical, not merely close.
 
+With `prompt.share_features=false` the AMG is sam2's stock one. With the default (true) the pipeline's AMG
+reads frame 0 as sam2's video loader preprocesses it, so that tracking can reuse its features; the plain flow
+then gives sam2's AMG that same frame, taken from sam2's own video loader.
+
 The one shared piece is `select_records` (our rule for which AMG masks seed masklets: minimum area, best
 first, at most max_objects); it picks among sam2's outputs and runs no model code.
 """
@@ -22,26 +26,51 @@ from pipeline import load_config, open_run
 from pipeline.cli import main
 from pipeline.samples import make_frame_folder
 from pipeline.stages.models import MODEL_SPECS
-from pipeline.stages.prompt import select_records
+from pipeline.stages.prompt import amg_kwargs, select_records
 from tests.conftest import IMAGE_SIZE, THREADS
 
 
-def _plain_sam2_flow(folder, checkpoint, prompt_cfg):
+class _VideoLoaderFrame:
+    """SAM2ImagePredictor's transforms, except that the image itself is replaced by frame 0 as sam2's own
+    video loader preprocesses it (coordinates and mask post-processing stay sam2's)."""
+
+    def __init__(self, transforms, frame: torch.Tensor):
+        self.transforms, self.frame = transforms, frame
+
+    def __call__(self, image):
+        return self.frame
+
+    def __getattr__(self, name):
+        return getattr(self.transforms, name)
+
+
+_CONFIG_FILE = MODEL_SPECS["sam2.1_hiera_tiny"].config_file
+_OVERRIDES = [f"++model.image_size={IMAGE_SIZE}"]
+
+
+def _plain_amg(folder, checkpoint, prompt_cfg, video_loader_frame: bool) -> list[dict]:
     from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
-    from sam2.build_sam import build_sam2, build_sam2_video_predictor
+    from sam2.build_sam import build_sam2
+    from sam2.utils.misc import load_video_frames_from_jpg_images
 
     torch.set_num_threads(THREADS)
-    config_file = MODEL_SPECS["sam2.1_hiera_tiny"].config_file
-    overrides = [f"++model.image_size={IMAGE_SIZE}"]
-    image_model = build_sam2(config_file, checkpoint, device="cpu", hydra_overrides_extra=overrides)
-    kwargs = {k: v for k, v in prompt_cfg.__dict__.items() if k not in ("min_area", "max_objects")}
-    amg = SAM2AutomaticMaskGenerator(image_model, **kwargs)
+    image_model = build_sam2(_CONFIG_FILE, checkpoint, device="cpu", hydra_overrides_extra=_OVERRIDES)
+    amg = SAM2AutomaticMaskGenerator(image_model, **amg_kwargs(prompt_cfg))
     s = IMAGE_SIZE
     amg.predictor._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+    if video_loader_frame:
+        frames, _, _ = load_video_frames_from_jpg_images(str(folder), s, offload_video_to_cpu=True,
+                                                         compute_device=torch.device("cpu"))
+        amg.predictor._transforms = _VideoLoaderFrame(amg.predictor._transforms, frames[0])
     frame0 = np.array(Image.open(folder / "00000.jpg").convert("RGB"))
-    records = select_records(amg.generate(frame0), prompt_cfg)
+    return select_records(amg.generate(frame0), prompt_cfg)
 
-    predictor = build_sam2_video_predictor(config_file, checkpoint, device="cpu", hydra_overrides_extra=overrides)
+
+def _plain_sam2_flow(folder, checkpoint, prompt_cfg):
+    from sam2.build_sam import build_sam2_video_predictor
+
+    records = _plain_amg(folder, checkpoint, prompt_cfg, video_loader_frame=prompt_cfg.share_features)
+    predictor = build_sam2_video_predictor(_CONFIG_FILE, checkpoint, device="cpu", hydra_overrides_extra=_OVERRIDES)
     predictor.fill_hole_area = 0  # needs sam2's CUDA extension; without it sam2 skips it (and warns per frame)
     state = predictor.init_state(video_path=str(folder))
     for obj_id, r in enumerate(records):
@@ -53,13 +82,17 @@ def _plain_sam2_flow(folder, checkpoint, prompt_cfg):
     return records, out
 
 
-def test_pipeline_equals_plain_sam2_on_jpeg_folder(tmp_path, demo_config, fast_overrides, random_checkpoint):
+@pytest.mark.parametrize("share_features", [True, False])
+def test_pipeline_equals_plain_sam2_on_jpeg_folder(tmp_path, demo_config, fast_overrides, random_checkpoint,
+                                                   share_features):
     folder = Path(make_frame_folder(tmp_path / "media" / "clip", frames=6, width=160, height=120, ext="jpg", seed=3))
     assert main(["manifest", "build", str(tmp_path / "media"), "-o", str(tmp_path / "m.parquet")]) == 0
     out = tmp_path / "run"
+    overrides = [*fast_overrides, f"prompt.share_features={str(share_features).lower()}"]
     assert main(["run", "--manifest", str(tmp_path / "m.parquet"), "--out", str(out), "--config", demo_config,
-                 *fast_overrides]) == 0
-    cfg = load_config(demo_config, fast_overrides)
+                 *overrides]) == 0
+    cfg = load_config(demo_config, overrides)
+    assert cfg.prompt.share_features is share_features
     records, plain = _plain_sam2_flow(folder, random_checkpoint, cfg.prompt)
     assert len(records) >= 3, "the test needs several objects to mean anything"
 
@@ -75,3 +108,6 @@ def test_pipeline_equals_plain_sam2_on_jpeg_folder(tmp_path, demo_config, fast_o
     for row, r in zip(ml, records):
         assert row["prompt_area"] == int(np.asarray(r["segmentation"]).sum())
         assert row["predicted_iou"] == pytest.approx(r["predicted_iou"], rel=1e-6)
+    if share_features:  # else this test could not tell the two preprocessings apart
+        stock = _plain_amg(folder, random_checkpoint, cfg.prompt, video_loader_frame=False)
+        assert [r["predicted_iou"] for r in stock] != [r["predicted_iou"] for r in records]

@@ -184,6 +184,45 @@ def test_first_self_attention_is_not_shared_when_memory_attention_was_replaced(m
     assert track_mod._SharedFirstSelfAttention.usable(model.predictor)
 
 
+def _keyframe_features(model, folder: str, frame: int):
+    """The prompt stage's encoding of `frame` (a small AMG grid; its prompts are not used here)."""
+    from pipeline.config import PromptConfig
+    from pipeline.stages.prompt import make_generator, prompt_and_encode_keyframe
+
+    cfg = PromptConfig(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, min_mask_region_area=0)
+    rgb = np.array(Image.open(os.path.join(folder, f"{frame:05d}.jpg")).convert("RGB"))
+    _, features = prompt_and_encode_keyframe(make_generator(model, cfg), rgb, cfg, frame=0)
+    assert features is not None and features.frame == 0
+    return features
+
+
+def test_keyframe_features_from_prompting_are_reused_not_recomputed(model, clip, eight_objects, plain):
+    """With the prompt stage's features of frame 0, tracking encodes every frame but that one, and the masks
+    are still sam2's bit for bit (the features are those of the very tensor tracking would encode)."""
+    keyframe = _keyframe_features(model, clip, 0)
+    calls = []
+    predictor = model.predictor
+    predictor.forward_image = lambda image: calls.append(1) or type(predictor).forward_image(predictor, image)
+    try:
+        stream = track(model, _CountingFrames(clip), FRAMES, HEIGHT, WIDTH, eight_objects[:2],
+                       list(range(FRAMES)), TrackOptions(object_batch=1), keyframe=keyframe)
+        got = list(stream)
+    finally:
+        del predictor.forward_image
+    assert stream.stats.keyframe_reused and len(calls) == FRAMES - 1
+    for fm in got:  # objects are tracked independently when unbatched: two of the eight suffice
+        np.testing.assert_array_equal(fm.masks, plain[0][fm.frame, :2], err_msg=f"frame {fm.frame} differs")
+
+
+def test_keyframe_features_of_another_image_are_refused(model, clip, eight_objects):
+    keyframe = _keyframe_features(model, clip, 1)  # frame 1's image, labelled frame 0
+    stream = track(model, _CountingFrames(clip), FRAMES, HEIGHT, WIDTH, eight_objects[:1], list(range(FRAMES)),
+                   TrackOptions(), keyframe=keyframe)
+    with pytest.raises(ValueError, match="computed on another image"):
+        next(stream)
+    stream.close()
+
+
 def test_pruning_one_frame_more_changes_masks(model, clip, eight_objects, plain, monkeypatch):
     """The comparison above would catch a pruning rule that drops a frame the model can still read.
     (Objects are tracked independently when unbatched, so two of the eight suffice.)"""

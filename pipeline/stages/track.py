@@ -54,12 +54,15 @@ import queue
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+if TYPE_CHECKING:
+    from pipeline.stages.prompt import KeyframeFeatures
 
 from pipeline.records import FrameMasks, Prompt
 from pipeline.stages.models import LoadedModel
@@ -155,6 +158,7 @@ class TrackStats:
     # runs of memory attention's first self-attention, once per tracked frame when shared across objects
     # (`_SharedFirstSelfAttention`); 0 when not shared (torch.compile), where sam2 runs it once per object
     self_attention_runs: int = 0
+    keyframe_reused: bool = False  # the prompt stage's encoding of the first prompt frame was reused
 
 
 @dataclass
@@ -527,8 +531,9 @@ class _Engine:
 
     def __init__(self, model: LoadedModel, num_frames: int, height: int, width: int, prompts: list[Prompt],
                  source_frames: list[int], options: TrackOptions, stats: TrackStats,
-                 resume: TrackerState | None = None):
+                 resume: TrackerState | None = None, keyframe: "KeyframeFeatures | None" = None):
         self.model = model
+        self.keyframe = keyframe
         self.predictor = model.predictor
         self.device = torch.device(self.predictor.device)
         self.num_frames = num_frames
@@ -652,6 +657,7 @@ class _Engine:
         if self.resume is not None:
             batches, order = self._restore(self.resume, state)
         else:
+            self._reuse_keyframe(state, feed)
             with self._contexts():
                 batches, order = self._batches(self._conditioning_outputs(state), state)
         self.stats.batches = len(batches)
@@ -661,6 +667,21 @@ class _Engine:
                 fm = self._frame(t, state, feed, batches, order)
             self.next_frame = t + 1
             yield fm
+
+    def _reuse_keyframe(self, state: dict, feed: _FrameFeed) -> None:
+        """Seed sam2's feature cache with the prompt stage's encoding of the first prompt frame, after checking
+        that it encoded the very tensor tracking would (same frame, same preprocessing); else encode anew."""
+        kf = self.keyframe
+        if kf is None or kf.frame != self.start:
+            return
+        image = kf.image.to(self.device)
+        if image.shape[1:] != feed[kf.frame].shape or not torch.equal(image[0], feed[kf.frame]):
+            raise ValueError(f"the keyframe features given for frame {kf.frame} were computed on another image "
+                             f"than tracking reads there; prompt with share_features on the same decoded frame "
+                             f"(or pass keyframe=None)")
+        state["cached_features"] = {kf.frame: (image, kf.backbone_out)}  # sam2 drops it at the next frame
+        self.keyframe = None
+        self.stats.keyframe_reused = True
 
     def snapshot(self) -> TrackerState:
         """The state after the last frame yielded; tensors are copied to the CPU (shared where already there)."""
@@ -832,6 +853,7 @@ def track(
     source_frames: list[int],
     options: TrackOptions = TrackOptions(),
     resume: TrackerState | None = None,
+    keyframe: "KeyframeFeatures | None" = None,
 ) -> Tracking:
     """Track every prompt's mask from its frame to the end; yields one FrameMasks per frame, in order.
 
@@ -842,11 +864,15 @@ def track(
 
     With `resume` (a `Tracking.snapshot()` of an earlier run over the same item, prompts and model), tracking
     goes on at `resume.next_frame` exactly as the interrupted run would have: `frames` still starts at frame 0
-    (earlier frames are pulled and skipped, not preprocessed) and only later frames are yielded."""
+    (earlier frames are pulled and skipped, not preprocessed) and only later frames are yielded.
+
+    With `keyframe` (pipeline.stages.prompt.prompt_and_encode_keyframe's features of the first prompt frame),
+    that frame is not encoded again; ValueError if they were computed on another image than tracking reads.
+    Ignored when resuming, or when they are for another frame."""
     stats = TrackStats(autocast=resolve_autocast(options.autocast, torch.device(model.predictor.device)))
     if not prompts:
         return Tracking(None, frames, stats, options)
-    engine = _Engine(model, num_frames, height, width, prompts, source_frames, options, stats, resume)
+    engine = _Engine(model, num_frames, height, width, prompts, source_frames, options, stats, resume, keyframe)
     if options.compile:
         compile_model_parts(engine.predictor)
         stats.compiled = True
