@@ -61,11 +61,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-if TYPE_CHECKING:
-    from pipeline.stages.prompt import KeyframeFeatures
-
 from pipeline.records import FrameMasks, Prompt
 from pipeline.stages.models import LoadedModel
+
+if TYPE_CHECKING:
+    from pipeline.stages.prompt import KeyframeFeatures
 
 __all__ = ["TrackOptions", "TrackStats", "TrackerState", "Tracking", "track", "write_behind", "default_object_batch",
            "oldest_readable_frame", "oldest_memory_frame", "memory_window", "preprocess_frame_numpy", "MediaEnded"]
@@ -511,8 +511,8 @@ class _SharedFirstSelfAttention:
                 self.calls += 1
             if self.result.shape[1:] != tgt.shape[1:]:
                 raise RuntimeError(f"memory attention got inputs of shapes {tuple(self.result.shape[1:])} and "
-                                   f"{tuple(tgt.shape[1:])} within one frame; run with propagate.compile or "
-                                   f"report this")
+                                   f"{tuple(tgt.shape[1:])} within one frame: this sam2's memory attention is "
+                                   f"not the one masklet shares per frame; please report it with sam2's version")
             return self.result if tgt.shape[0] == 1 else self.result.expand(tgt.shape[0], -1, -1)
 
         self.layer._forward_sa = shared
@@ -670,7 +670,7 @@ class _Engine:
 
     def _reuse_keyframe(self, state: dict, feed: _FrameFeed) -> None:
         """Seed sam2's feature cache with the prompt stage's encoding of the first prompt frame, after checking
-        that it encoded the very tensor tracking would (same frame, same preprocessing); else encode anew."""
+        that it encoded the very tensor tracking would (same frame, same preprocessing); ValueError if not."""
         kf = self.keyframe
         if kf is None or kf.frame != self.start:
             return
