@@ -19,8 +19,9 @@ It prints, measured in this run:
   calls (forward_image, track_step, the memory encoder), the time per frame outside them (each flow's own
   overhead), and whether the two flows' masks agree. On a CPU the two flows run interleaved, a frame of one
   then a frame of the other, each timed over its own steps: on a shared host (a virtual machine) speed drifts
-  by 10-20% from minute to minute, more than the difference being measured, and interleaving makes the drift
-  hit both flows alike (`--sequential`: one after the other, as on a GPU, where the pipeline's writer thread
+  from minute to minute (on 2026-12-01 the plain flow at 1 object ran 1.121, 0.833 and 0.979 fps in three
+  runs minutes apart), more than the difference being measured, and interleaving makes the drift hit both
+  flows alike (`--sequential`: one after the other, as on a GPU, where the pipeline's writer thread
   would overlap the other flow's steps);
 - peak memory of each flow at each video length (`--lengths`), each run in a fresh process so that the two do
   not share an allocator: peak RSS on CPU, torch.cuda.max_memory_allocated on CUDA. These runs use
@@ -59,7 +60,7 @@ from pipeline.config import ModelConfig, PromptConfig, StoreConfig  # noqa: E402
 from pipeline.paths import RunPaths  # noqa: E402
 from pipeline.records import FrameMasks, MediaItem, Prompt  # noqa: E402
 from pipeline.stages.decode import frame_files, open_frames  # noqa: E402
-from pipeline.stages.models import LoadedModel, load_model  # noqa: E402
+from pipeline.stages.models import LoadedModel, load_model, patched_method  # noqa: E402
 from pipeline.stages.prompt import (  # noqa: E402
     KeyframeFeatures, amg_kwargs, make_generator, prompt_and_encode_keyframe, select_records,
 )
@@ -81,10 +82,10 @@ class ModelTimer:
 
     def __init__(self, predictor):
         self.predictor = predictor
-        self.seconds = 0.0
-        self.by_flow: dict[str, float] = {}  # when flows are interleaved: seconds per `flow`
-        self.flow: str | None = None
+        self.by_flow: dict[str, float] = {}  # seconds per `flow`, the flow whose step is running
+        self.flow = ""
         self._local = threading.local()
+        self._patches = contextlib.ExitStack()
 
     def _wrap(self, fn):
         def timed(*args, **kwargs):
@@ -97,21 +98,17 @@ class ModelTimer:
                 return fn(*args, **kwargs)
             finally:
                 _sync(self.predictor.device)
-                spent = time.perf_counter() - t0
-                self.seconds += spent
-                if self.flow is not None:
-                    self.by_flow[self.flow] = self.by_flow.get(self.flow, 0.0) + spent
+                self.by_flow[self.flow] = self.by_flow.get(self.flow, 0.0) + time.perf_counter() - t0
                 self._local.depth = 0
         return timed
 
     def __enter__(self) -> "ModelTimer":
         for name in self.METHODS:
-            setattr(self.predictor, name, self._wrap(getattr(self.predictor, name)))
+            self._patches.enter_context(patched_method(self.predictor, name, self._wrap))
         return self
 
     def __exit__(self, *exc) -> None:
-        for name in self.METHODS:
-            delattr(self.predictor, name)  # back to the class's method
+        self._patches.close()
 
 
 class OthersCPU:
@@ -237,8 +234,6 @@ class FlowResult:
     frames: int
     seconds: float = 0.0  # state creation to last mask written
     model_seconds: float = 0.0
-    amg_seconds: float = 0.0
-    amg_masks: int = 0
     array: object = None  # the written Zarr array
     others_cores: float | None = None
     extra: dict = field(default_factory=dict)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.stages.models import CheckpointError, load_model, resolve_checkpoint, sha256_of
+from pipeline.stages.models import CheckpointError, load_model, patched_method, resolve_checkpoint, sha256_of
 
 
 def test_random_checkpoint_loads_through_the_real_loader(random_checkpoint):
@@ -60,3 +60,22 @@ def test_truncated_checkpoint_is_named(tmp_path, random_checkpoint):
     cut.write_bytes(data[: len(data) // 3])
     with pytest.raises(CheckpointError, match="truncated"):
         load_model(ModelConfig(checkpoint=str(cut), image_size=256, device="cpu"))
+
+
+def test_patched_method_puts_back_what_the_instance_held():
+    class Model:
+        def forward(self, x):
+            return x + 1
+
+    m = Model()
+    with patched_method(m, "forward", lambda own: lambda x: own(x) * 10):
+        assert m.forward(1) == 20
+    assert m.forward(1) == 2 and "forward" not in vars(m)  # the class's method again
+    m.forward = lambda x: -x  # a wrapper already on the instance (a profiler's)
+    with patched_method(m, "forward", lambda own: lambda x: own(x) * 10):
+        assert m.forward(1) == -10
+        with pytest.raises(KeyError):
+            with patched_method(m, "forward", lambda own: lambda x: {}[x]):
+                m.forward(1)
+        assert m.forward(1) == -10  # restored after the error
+    assert m.forward(1) == -1

@@ -22,7 +22,7 @@ import pipeline.stages.track as track_mod
 from pipeline.config import ModelConfig
 from pipeline.records import FrameMasks, Prompt
 from pipeline.samples import make_frame_folder
-from pipeline.stages.models import MODEL_SPECS, load_model
+from pipeline.stages.models import MODEL_SPECS, load_model, patched_method
 from pipeline.stages.track import (
     MediaEnded, TrackerState, TrackOptions, default_object_batch, memory_window, preprocess_frame_numpy, track,
     write_behind,
@@ -175,12 +175,9 @@ def test_first_self_attention_runs_once_per_frame_not_per_object(model, unbatche
 def test_first_self_attention_is_not_shared_when_memory_attention_was_replaced(model):
     """A compiled (or otherwise replaced) memory attention is left alone: sharing would patch inside it."""
     assert track_mod._SharedFirstSelfAttention.usable(model.predictor)
-    attention = model.predictor.memory_attention
-    attention.forward = attention.forward  # an instance attribute, as torch.compile sets it
-    try:
+    # an instance attribute, as torch.compile sets it
+    with patched_method(model.predictor.memory_attention, "forward", lambda forward: forward):
         assert not track_mod._SharedFirstSelfAttention.usable(model.predictor)
-    finally:
-        del attention.forward
     assert track_mod._SharedFirstSelfAttention.usable(model.predictor)
 
 
@@ -201,14 +198,11 @@ def test_keyframe_features_from_prompting_are_reused_not_recomputed(model, clip,
     are still sam2's bit for bit (the features are those of the very tensor tracking would encode)."""
     keyframe = _keyframe_features(model, clip, 0)
     calls = []
-    predictor = model.predictor
-    predictor.forward_image = lambda image: calls.append(1) or type(predictor).forward_image(predictor, image)
-    try:
+    counting = lambda encode: lambda image: calls.append(1) or encode(image)  # noqa: E731
+    with patched_method(model.predictor, "forward_image", counting):
         stream = track(model, _CountingFrames(clip), FRAMES, HEIGHT, WIDTH, eight_objects[:2],
                        list(range(FRAMES)), TrackOptions(object_batch=1), keyframe=keyframe)
         got = list(stream)
-    finally:
-        del predictor.forward_image
     assert stream.stats.keyframe_reused and len(calls) == FRAMES - 1
     for fm in got:  # objects are tracked independently when unbatched: two of the eight suffice
         np.testing.assert_array_equal(fm.masks, plain[0][fm.frame, :2], err_msg=f"frame {fm.frame} differs")

@@ -5,6 +5,7 @@ The only module that calls sam2's builders. Everything it returns is a `LoadedMo
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -14,6 +15,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
@@ -232,3 +234,19 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         image_size=int(predictor.image_size),
         device=device,
     )
+
+
+@contextlib.contextmanager
+def patched_method(obj, name: str, wrap: Callable[[Callable], Callable]) -> Iterator[None]:
+    """`obj.<name>` replaced on the instance by `wrap(current)` for the block, then put back as it was: the
+    class's method again, or the wrapper the instance held before (a profiler's, another patch). How masklet
+    reaches inside sam2's model for one call without changing the model for anyone else."""
+    before = vars(obj).get(name)
+    setattr(obj, name, wrap(getattr(obj, name)))
+    try:
+        yield
+    finally:
+        if before is None:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, before)

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
 from pipeline.config import PromptConfig
 from pipeline.records import Prompt
-from pipeline.stages.models import LoadedModel
+from pipeline.stages.models import LoadedModel, patched_method
 
 # Our own keys; every other PromptConfig field is a SAM2AutomaticMaskGenerator argument of the same name.
 _OWN_KEYS = {"min_area", "max_objects", "share_features"}
@@ -101,11 +102,6 @@ def prompts_from_records(records: list[dict], frame: int) -> list[Prompt]:
     return prompts
 
 
-def prompt_keyframe(generator, rgb: np.ndarray, cfg: PromptConfig, frame: int = 0) -> list[Prompt]:
-    """Run the AMG on one RGB uint8 frame and return the selected prompts."""
-    return prompt_and_encode_keyframe(generator, rgb, cfg, frame)[0]
-
-
 def prompt_and_encode_keyframe(generator, rgb: np.ndarray, cfg: PromptConfig,
                                frame: int = 0) -> tuple[list[Prompt], KeyframeFeatures | None]:
     """Run the AMG on one RGB uint8 frame; returns the selected prompts and, with `cfg.share_features`, the
@@ -113,25 +109,18 @@ def prompt_and_encode_keyframe(generator, rgb: np.ndarray, cfg: PromptConfig,
     box is the full image), so that is the call kept; later calls (crop layers) are crops."""
     if not cfg.share_features:
         return prompts_from_records(select_records(generator.generate(rgb), cfg), frame), None
-    model = generator.predictor.model
     kept: list[tuple[torch.Tensor, dict]] = []
-    before = vars(model).get("forward_image")  # a wrapper someone put on the instance (a profiler), if any
-    own = model.forward_image
 
-    def encode(image: torch.Tensor) -> dict:
-        out = own(image)
-        if not kept:
-            kept.append((image, out))
-        return out
+    def keeping_the_first(encode: Callable) -> Callable:
+        def encode_and_keep(image: torch.Tensor) -> dict:
+            out = encode(image)
+            if not kept:
+                kept.append((image, out))
+            return out
+        return encode_and_keep
 
-    model.forward_image = encode  # on the instance, for this call only
-    try:
+    with patched_method(generator.predictor.model, "forward_image", keeping_the_first):
         records = generator.generate(rgb)
-    finally:
-        if before is None:
-            del model.forward_image  # back to the class's method
-        else:
-            model.forward_image = before
     prompts = prompts_from_records(select_records(records, cfg), frame)
     if not kept:  # the AMG never encoded the frame (it does for any non-empty image)
         return prompts, None

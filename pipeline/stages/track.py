@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.records import FrameMasks, Prompt
-from pipeline.stages.models import LoadedModel
+from pipeline.stages.models import LoadedModel, patched_method
 
 if TYPE_CHECKING:
     from pipeline.stages.prompt import KeyframeFeatures
@@ -479,51 +479,47 @@ _STORED = ("maskmem_features", "pred_masks")
 
 
 class _SharedFirstSelfAttention:
-    """For one frame: the first memory-attention layer's self-attention (`_forward_sa`, over the frame's own
-    features plus their position encoding, before any object's memory is read) computed once, on one row,
+    """Per frame (`frame()`): the first memory-attention layer's self-attention (`_forward_sa`, over the frame's
+    own features plus their position encoding, before any object's memory is read) computed once, on one row,
     and reused by every object batch of the frame. sam2 computes it per object on the same input, so the
     reused result is the one each object's own call would give (bit for bit at one object per batch).
 
-    Installed on the layer instance for the frame's compute only and removed after; not used when the
+    Installed on the layer instance for the frame's compute only (`patched_method`); not used when the
     memory attention is torch.compiled (`usable`), where the patch would break the compiled graph."""
 
-    def __init__(self, predictor):
+    def __init__(self, predictor, stats: "TrackStats"):
         self.layer = predictor.memory_attention.layers[0]
-        self.result: torch.Tensor | None = None
-        self.calls = 0  # times the layer's own self-attention ran
+        self.stats = stats  # counts the runs in stats.self_attention_runs
 
     @staticmethod
     def usable(predictor) -> bool:
         attention = getattr(predictor, "memory_attention", None)
         layers = getattr(attention, "layers", None)
         return (layers is not None and len(layers) > 0 and getattr(attention, "batch_first", False)
-                and hasattr(layers[0], "_forward_sa") and "forward" not in vars(attention)  # not compiled
-                and not getattr(predictor, "_masklet_compiled", False))
+                and hasattr(layers[0], "_forward_sa")
+                and "forward" not in vars(attention))  # torch.compile (compile_model_parts) replaces it there
 
-    def __enter__(self) -> "_SharedFirstSelfAttention":
-        self._before = vars(self.layer).get("_forward_sa")  # a wrapper someone put on the instance, if any
-        own = self.layer._forward_sa
+    @contextlib.contextmanager
+    def frame(self) -> Iterator[None]:
+        result: torch.Tensor | None = None
 
-        def shared(tgt: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
-            # batch-first: (objects, tokens, channels); every row is the same frame's features
-            if self.result is None:
-                self.result = own(tgt[:1], query_pos[:1])
-                self.calls += 1
-            if self.result.shape[1:] != tgt.shape[1:]:
-                raise RuntimeError(f"memory attention got inputs of shapes {tuple(self.result.shape[1:])} and "
-                                   f"{tuple(tgt.shape[1:])} within one frame: this sam2's memory attention is "
-                                   f"not the one masklet shares per frame; please report it with sam2's version")
-            return self.result if tgt.shape[0] == 1 else self.result.expand(tgt.shape[0], -1, -1)
+        def sharing(own: Callable) -> Callable:
+            def shared(tgt: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+                # batch-first: (objects, tokens, channels); every row is the same frame's features
+                nonlocal result
+                if result is None:
+                    result = own(tgt[:1], query_pos[:1])
+                    self.stats.self_attention_runs += 1
+                if result.shape[1:] != tgt.shape[1:]:
+                    raise RuntimeError(f"memory attention got inputs of shapes {tuple(result.shape[1:])} and "
+                                       f"{tuple(tgt.shape[1:])} within one frame: this sam2's memory attention is "
+                                       f"not the one masklet shares per frame; please report it with sam2's "
+                                       f"version")
+                return result if tgt.shape[0] == 1 else result.expand(tgt.shape[0], -1, -1)
+            return shared
 
-        self.layer._forward_sa = shared
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._before is None:
-            del self.layer._forward_sa  # back to the class's method
-        else:
-            self.layer._forward_sa = self._before
-        self.result = None
+        with patched_method(self.layer, "_forward_sa", sharing):
+            yield
 
 
 class _Engine:
@@ -570,7 +566,9 @@ class _Engine:
         self.next_frame = self.start
         self.storage_device = torch.device("cpu") if options.offload_state else self.device
         self._live: tuple | None = None
-        self._share_self_attention = not options.compile and _SharedFirstSelfAttention.usable(self.predictor)
+        self._shared_attention = (_SharedFirstSelfAttention(self.predictor, stats)
+                                  if not options.compile and _SharedFirstSelfAttention.usable(self.predictor)
+                                  else None)
 
     def _state(self, feed: _FrameFeed) -> dict:
         """sam2's inference state, reduced to the keys its per-frame methods read."""
@@ -674,8 +672,8 @@ class _Engine:
         kf = self.keyframe
         if kf is None or kf.frame != self.start:
             return
-        image = kf.image.to(self.device)
-        if image.shape[1:] != feed[kf.frame].shape or not torch.equal(image[0], feed[kf.frame]):
+        image, tracked = kf.image.to(self.device), feed[kf.frame]
+        if image.shape[1:] != tracked.shape or not torch.equal(image[0], tracked):
             raise ValueError(f"the keyframe features given for frame {kf.frame} were computed on another image "
                              f"than tracking reads there; prompt with share_features on the same decoded frame "
                              f"(or pass keyframe=None)")
@@ -718,8 +716,7 @@ class _Engine:
         oldest = oldest_readable_frame(pred, t + 1, self.num_frames)
         oldest_memory = oldest_memory_frame(pred, t + 1)
         pred_masks, scores = [], []
-        shared = _SharedFirstSelfAttention(pred) if self._share_self_attention else None
-        with shared or contextlib.nullcontext():
+        with self._shared_attention.frame() if self._shared_attention else contextlib.nullcontext():
             for batch in batches:
                 od = batch.output_dict
                 if t < batch.first_frame:  # not prompted yet: no mask, no score
@@ -748,8 +745,6 @@ class _Engine:
                 self.stats.max_non_cond_retained = max(self.stats.max_non_cond_retained, len(non_cond))
                 pred_masks.append(masks)
                 scores.append(current["object_score_logits"])
-        if shared is not None:
-            self.stats.self_attention_runs += shared.calls
         all_masks = torch.cat(pred_masks) if len(pred_masks) > 1 else pred_masks[0]
         all_scores = torch.cat(scores) if len(scores) > 1 else scores[0]
         if order is not None:
