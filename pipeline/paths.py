@@ -2,6 +2,7 @@
 
     OUT/
       run.json                      run snapshot: resolved config, versions, manifest fingerprint
+      random-weights.json           present when a worker loaded random weights (whatever the config said)
       manifest.parquet              the manifest rows this run was planned from (frozen copy)
       plan.json                     the frozen shards (ids never depend on how many workers run them)
       masks/                        Zarr v3 group; masks/<item_id> is a bool array (objects, frames, H, W)
@@ -42,6 +43,11 @@ class RunPaths:
     @property
     def snapshot(self) -> Path:
         return self.root / "run.json"
+
+    @property
+    def random_weights_mark(self) -> Path:
+        """Written by a worker that loaded a checkpoint marked random (see stages/models.py)."""
+        return self.root / "random-weights.json"
 
     @property
     def manifest(self) -> Path:

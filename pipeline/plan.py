@@ -92,6 +92,12 @@ class RunPlan:
     shards: list[Shard]
     snapshot: dict
 
+    @property
+    def random_weights(self) -> bool:
+        """Whether any of this run's masks come from random weights: the config said so when it was planned,
+        or a worker has since loaded a checkpoint that is marked random (`RunPaths.random_weights_mark`)."""
+        return bool(self.snapshot.get("random_weights")) or self.paths.random_weights_mark.exists()
+
     def shard(self, shard_id: int) -> Shard:
         for s in self.shards:
             if s.shard_id == shard_id:

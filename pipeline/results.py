@@ -28,7 +28,7 @@ class RunResults:
     @property
     def random_weights(self) -> bool:
         """True when the masks came from a random-weight model: plumbing checks, never results."""
-        return bool(self.plan.snapshot.get("random_weights"))
+        return self.plan.random_weights
 
     @cached_property
     def items(self) -> pa.Table:

@@ -140,7 +140,7 @@ def format_status(plan: RunPlan, shards: list[ShardStatus], scheduler: Scheduler
     states = {s.shard_id: shard_state(s, jobs.get(s.shard_id)) for s in shards}
     counts = {k: sum(1 for v in states.values() if v == k) for k in (*SHARD_STATES, "unknown")}
     lines = [f"run {plan.paths.root}"]
-    if plan.snapshot.get("random_weights"):
+    if plan.random_weights:
         lines.append("  model: RANDOM WEIGHTS (plumbing check only: these masks are not results)")
     lines.append(f"  items: {total.done} done, {total.failed} failed, {total.pending} pending "
                  f"of {total.total}; frames done: {total.frames_done}")

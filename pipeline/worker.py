@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -136,6 +138,8 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models) 
         raise ValueError(f"{display_path(item.path)}: no frame could be decoded")
     height, width = first.shape[:2]
     model = models.model
+    if model.random_weights:
+        _mark_random_weights(plan, model)
     num_frames = len(source) if cfg.propagate.enabled else 1
     partial = _partial_item(plan, item, num_frames, height, width)
     resume = partial.start() if partial else None
@@ -269,6 +273,19 @@ def _with_checkpoints(stream: Tracking, per_file: int, num_frames: int, every: f
         stream.close()
 
 
+def _mark_random_weights(plan: RunPlan, model: LoadedModel) -> None:
+    """Mark the run as holding random-weight masks before any are written, so that `status` and `open_run`
+    say so even when run.json (written at plan time from the config) says otherwise. A file, not a run.json
+    edit: workers on many nodes may write it at once, and readers check it with one stat."""
+    mark = plan.paths.random_weights_mark
+    if mark.exists():
+        return
+    tmp = mark.with_name(f".{mark.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"model": model.label, "checkpoint": model.checkpoint,
+                               "checkpoint_sha256": model.checkpoint_sha256}) + "\n")
+    os.replace(tmp, mark)
+
+
 def _item_row(plan: RunPlan, shard_id: int, item: MediaItem, result: ItemResult, models: Models | None) -> dict:
     loaded = models._model if models else None
     cfg = plan.config
@@ -281,7 +298,7 @@ def _item_row(plan: RunPlan, shard_id: int, item: MediaItem, result: ItemResult,
         "num_objects": result.num_objects, "model": cfg.model.name,
         "image_size": loaded.image_size if loaded else cfg.model.image_size,
         "checkpoint_sha256": loaded.checkpoint_sha256 if loaded else None,
-        "random_weights": cfg.model.random_weights, "device": str(loaded.device) if loaded else None,
+        "random_weights": loaded.random_weights if loaded else cfg.model.random_weights, "device": str(loaded.device) if loaded else None,
         "seconds_decode": result.seconds_decode, "seconds_prompt": result.seconds_prompt,
         "seconds_propagate": result.seconds_propagate, "seconds_write": result.seconds_write,
         "seconds_total": result.seconds_total, "finished_at": datetime.now(timezone.utc),

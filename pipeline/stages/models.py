@@ -47,6 +47,12 @@ MODEL_SPECS = {
 }
 
 
+# The key `random_checkpoint` saves beside "model": the file itself says its weights are random, so the label
+# follows the weights whatever the config says. sam2's loader reads only "model"; the value is plain data
+# ({"seed", "image_size", "name"}), so torch.load(weights_only=True) still reads the file.
+RANDOM_WEIGHTS_KEY = "masklet_random_weights"
+
+
 class CheckpointError(RuntimeError):
     """The checkpoint cannot be found, fetched or verified; the message says how to get it."""
 
@@ -155,9 +161,10 @@ def resolve_checkpoint(cfg: ModelConfig) -> tuple[Path, str]:
     return cached, digest
 
 
-def verify_checkpoint(path: Path) -> None:
+def verify_checkpoint(path: Path) -> bool:
     """Open the file the way sam2 will (weights_only, so no code in it can run) and check its shape of
-    contents, so a truncated download or a wrong file is named as such instead of failing deep in sam2."""
+    contents, so a truncated download or a wrong file is named as such instead of failing deep in sam2.
+    Returns whether the file is marked as random weights (`RANDOM_WEIGHTS_KEY`)."""
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - torch raises several types for unreadable archives
@@ -167,6 +174,7 @@ def verify_checkpoint(path: Path) -> None:
         ) from e
     if not isinstance(sd, dict) or not isinstance(sd.get("model"), dict):
         raise CheckpointError(f"checkpoint {path} has no 'model' state dict; is it a SAM 2 checkpoint?")
+    return RANDOM_WEIGHTS_KEY in sd
 
 
 def _build_predictor(cfg: ModelConfig, ckpt_path: Path | None, device: torch.device):
@@ -195,8 +203,9 @@ def _build_predictor(cfg: ModelConfig, ckpt_path: Path | None, device: torch.dev
 
 
 def random_checkpoint(cfg: ModelConfig, dest: Path) -> Path:
-    """Save a seeded random-weight model of the real architecture as a checkpoint file (`{"model": sd}`),
-    so tests and demos go through the same loading code as real checkpoints."""
+    """Save a seeded random-weight model of the real architecture as a checkpoint file (`{"model": sd}` plus
+    the `RANDOM_WEIGHTS_KEY` marker), so tests and demos go through the same loading code as real checkpoints
+    and whatever loads it is labelled random."""
     from sam2.build_sam import build_sam2
 
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -204,14 +213,19 @@ def random_checkpoint(cfg: ModelConfig, dest: Path) -> Path:
     model = build_sam2(MODEL_SPECS[cfg.name].config_file, ckpt_path=None, device="cpu",
                        hydra_overrides_extra=_hydra_overrides(cfg.image_size))
     tmp = dest.with_name(dest.name + ".tmp")
-    torch.save({"model": model.state_dict()}, tmp)
+    marker = {"seed": int(cfg.seed), "image_size": int(model.image_size), "name": cfg.name}
+    torch.save({"model": model.state_dict(), RANDOM_WEIGHTS_KEY: marker}, tmp)
     os.replace(tmp, dest)
     return dest
 
 
 def load_model(cfg: ModelConfig) -> LoadedModel:
     """Resolve, verify and build. Random weights: built from the seed (or from model.checkpoint if given,
-    so a test can save one random checkpoint and load it through the same path as a real one)."""
+    so a test can save one random checkpoint and load it through the same path as a real one).
+
+    `random_weights` on the result says what was loaded: a file marked by `random_checkpoint` is random
+    under any config; an unmarked file is random only when the config says so (an older random file saved
+    before the marker existed), since calling real weights random is the safe mistake."""
     if cfg.name not in MODEL_SPECS:
         raise CheckpointError(f"unknown model {cfg.name!r}; use one of {sorted(MODEL_SPECS)}")
     device = pick_device(cfg.device)
@@ -220,17 +234,17 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     if cfg.random_weights and not cfg.checkpoint:
         torch.manual_seed(cfg.seed)
         predictor = _build_predictor(cfg, None, device)
-        ckpt, digest = None, None
+        ckpt, digest, random_weights = None, None, True
     else:
         ckpt, digest = resolve_checkpoint(cfg)
-        verify_checkpoint(ckpt)
+        random_weights = verify_checkpoint(ckpt) or cfg.random_weights
         predictor = _build_predictor(cfg, ckpt, device)
     return LoadedModel(
         predictor=predictor,
         name=cfg.name,
         checkpoint=str(ckpt) if ckpt else None,
         checkpoint_sha256=digest,
-        random_weights=cfg.random_weights,
+        random_weights=random_weights,
         image_size=int(predictor.image_size),
         device=device,
     )
