@@ -14,9 +14,20 @@ from pipeline.config import (ConfigError, config_from_dict, config_to_dict, load
 
 
 def _cmd_manifest_build(args) -> int:
-    from pipeline.manifest import build_manifest
+    from pipeline.manifest import build_manifest, update_manifest
 
-    table = build_manifest(args.paths, args.output, workers=args.workers)
+    if args.update:
+        update = update_manifest(args.paths, args.output, args.update, workers=args.workers)
+        table = update.table
+        print(f"updated {args.update}: {update.kept} items kept with their ids, {len(update.added)} added, "
+              f"{len(update.removed)} removed")
+        for gone in update.removed[:50]:
+            why = "still on disk, but not under the paths given" if gone.on_disk else "no longer on disk"
+            print(f"  removed: {gone.item_id} ({gone.path}: {why})")
+        if len(update.removed) > 50:
+            print(f"  ... and {len(update.removed) - 50} more removed")
+    else:
+        table = build_manifest(args.paths, args.output, workers=args.workers)
     errors = [e for e in table.column("error").to_pylist() if e]
     print(f"wrote {args.output}: {table.num_rows} items ({table.num_rows - len(errors)} probed, "
           f"{len(errors)} with errors)")
@@ -256,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("paths", nargs="+", help="folders, files or globs of videos, frame folders and images")
     build.add_argument("-o", "--output", required=True, help="manifest file to write (.parquet)")
     build.add_argument("--workers", type=int, default=None, help="probing threads (default: CPU count)")
+    build.add_argument("--update", metavar="OLD", default=None,
+                       help="an earlier manifest: its items keep their ids and probes, only new files are probed "
+                            "and get new ids, files no longer found are listed and left out (OUTPUT may be OLD)")
     build.set_defaults(func=_cmd_manifest_build)
 
     def launch_options(p: argparse.ArgumentParser) -> None:

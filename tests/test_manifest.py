@@ -134,7 +134,8 @@ def test_ids_are_stable_across_rebuilds_and_additions(dataset, tmp_path):
     assert manifest_fingerprint(read_manifest(str(tmp_path / "a.parquet"))) == manifest_fingerprint(
         read_manifest(str(tmp_path / "b.parquet"))
     )
-    # A new file, even one whose sanitised id collides, leaves the existing ids alone.
+    # A new file whose id collides with none ('clip .mp4' is 'clip_.mp4') leaves the existing ids alone; one
+    # that collides can rename an existing item here: tests/test_manifest_update.py covers that and --update.
     shutil.copy(dataset / "clip.mp4", dataset / "clip .mp4")
     shutil.copy(dataset / "clip.mp4", dataset / "new.mp4")
     third = build_manifest([str(dataset)], str(tmp_path / "c.parquet"))

@@ -1,0 +1,121 @@
+"""What a manifest is on disk: its Parquet schema, items to table, the atomic write, and its fingerprint."""
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.records import MediaItem, MediaKind
+from pipeline.stages.decode import display_path, utf8_text
+
+MEDIA_KINDS: tuple[MediaKind, ...] = ("video", "frames", "image")
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("item_id", pa.string(), nullable=False),
+        # A readable form of the path; for names that are not valid UTF-8 the undecodable bytes are shown
+        # as \xNN and the exact name is in path_bytes (Arrow strings must be UTF-8).
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("num_frames", pa.int64(), nullable=False),
+        pa.field("fps", pa.float64(), nullable=True),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("codec", pa.string(), nullable=True),
+        pa.field("bytes", pa.int64(), nullable=False),
+        pa.field("error", pa.string(), nullable=True),
+        # The exact file-system name (os.fsencode) where `path` could not hold it; null otherwise.
+        pa.field("path_bytes", pa.binary(), nullable=True),
+    ]
+)
+PROBE_COLUMNS = ("num_frames", "width", "height", "bytes")
+
+
+class ManifestWarning(UserWarning):
+    """Something in the input was dropped or skipped; the manifest is still usable."""
+
+
+def _is_utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def drop_duplicate_paths(entries: Iterable[tuple], where: str) -> list:
+    """`entries` (path first) without repeated paths, keeping the first of each, with a warning per repeat."""
+    kept: list = []
+    seen: set[str] = set()
+    for entry in entries:
+        key = os.path.normpath(os.path.abspath(entry[0]))
+        if key in seen:
+            warnings.warn(
+                f"{display_path(key)!r} is listed more than once {where}; keeping the first",
+                ManifestWarning,
+                stacklevel=3,
+            )
+            continue
+        seen.add(key)
+        kept.append(entry)
+    return kept
+
+
+def items_to_table(items: Sequence[MediaItem]) -> pa.Table:
+    """The manifest table for `items`, with the explicit `MANIFEST_SCHEMA`."""
+    columns: dict[str, list[Any]] = {name: [] for name in MANIFEST_SCHEMA.names}
+    for item in items:
+        columns["item_id"].append(item.item_id)
+        columns["path"].append(display_path(item.path))
+        columns["kind"].append(item.kind)
+        columns["num_frames"].append(int(item.num_frames))
+        columns["fps"].append(item.fps)
+        columns["width"].append(int(item.width))
+        columns["height"].append(int(item.height))
+        columns["codec"].append(utf8_text(item.codec) if item.codec is not None else None)
+        columns["bytes"].append(int(item.bytes))
+        columns["error"].append(utf8_text(item.error) if item.error is not None else None)
+        columns["path_bytes"].append(None if _is_utf8(item.path) else os.fsencode(item.path))
+    return pa.Table.from_pydict(columns, schema=MANIFEST_SCHEMA)
+
+
+def write_table_atomic(table: pa.Table, out_path: str) -> None:
+    """Write Parquet to a temporary name beside `out_path`, then rename: readers never see half a file."""
+    parent = os.path.dirname(os.path.abspath(out_path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(out_path)}.{os.getpid()}.tmp")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def manifest_fingerprint(items: Sequence[MediaItem]) -> str:
+    """sha256 over the items' id, path, frames, size and bytes; independent of row order.
+
+    A changed file (size or frame count), a moved file or a renamed id changes it; reordering rows does not,
+    since the same items make the same plan.
+    """
+    digest = hashlib.sha256()
+    for item in sorted(items, key=lambda it: it.item_id):
+        fields = (
+            item.item_id.encode("utf-8"),
+            os.fsencode(item.path),
+            str(int(item.num_frames)).encode(),
+            str(int(item.width)).encode(),
+            str(int(item.height)).encode(),
+            str(int(item.bytes)).encode(),
+        )
+        for field in fields:
+            # Length prefixes make the encoding unambiguous: no choice of separator can be forged by a name.
+            digest.update(len(field).to_bytes(8, "little"))
+            digest.update(field)
+    return digest.hexdigest()
