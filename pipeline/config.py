@@ -7,11 +7,12 @@ prompting recipe on SAM 2.1 tiny.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import yaml
 
@@ -23,26 +24,64 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric key: finite, lo <= v <= hi (None: unbounded on that side); with `open_lo`,
+    lo itself is excluded (lo < v). Declared beside the field (`ranged`), checked generically at load, so a
+    value that would fail every item (or stall it) is refused before it enters a run's fingerprint."""
+
+    lo: float | None = None
+    hi: float | None = None
+    open_lo: bool = False
+
+    def contains(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.lo is not None and (value <= self.lo if self.open_lo else value < self.lo):
+            return False
+        return self.hi is None or value <= self.hi
+
+    def describe(self) -> str:
+        lo = None if self.lo is None else f"{'>' if self.open_lo else '>='} {_number(self.lo)}"
+        hi = None if self.hi is None else f"<= {_number(self.hi)}"
+        if lo and hi:
+            return f"{lo} and {hi}"
+        return lo or hi or "any finite number"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def ranged(default: Any, lo: float | None = None, hi: float | None = None, *, open_lo: bool = False) -> Any:
+    """A numeric field with its valid range (see Range); every int/float key of the config declares one."""
+    return field(default=default, metadata={"range": Range(lo, hi, open_lo)})
+
+
+def field_range(f: dataclasses.Field) -> Range | None:
+    return f.metadata.get("range")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str = "sam2.1_hiera_tiny"  # one of MODEL_NAMES
     checkpoint: str | None = None  # explicit path; else the cache folder, else the official download
     cache_dir: str = "~/.cache/masklet/checkpoints"
     allow_download: bool = True  # False: never touch the network, fail with instructions instead
     random_weights: bool = False  # real architecture, seeded random weights: plumbing tests/demos only
-    seed: int = 0
-    image_size: int | None = None  # None: the model's own (1024); else a multiple of 32 (random weights/tests)
+    seed: int = ranged(0, 0, 2**63 - 1)  # torch.manual_seed's range
+    image_size: int | None = ranged(None, 64, 4096)  # None: the model's own (1024); else a multiple of 32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int | None = None  # torch CPU threads; pin it to get bit-identical results across runs
+    threads: int | None = ranged(None, 1)  # torch CPU threads; pin it to get bit-identical results across runs
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    stride: int = 1  # keep every k-th frame (SA-V annotates 24 fps video at 6 fps: stride 4)
-    target_fps: float | None = None  # if set, stride = round(fps / target_fps) per video (overrides stride)
-    max_frames: int | None = None  # cap on decoded frames per item
+    stride: int = ranged(1, 1)  # keep every k-th frame (SA-V annotates 24 fps video at 6 fps: stride 4)
+    target_fps: float | None = ranged(None, 0, open_lo=True)  # if set, stride = round(fps / target_fps) per video (overrides stride)
+    max_frames: int | None = ranged(None, 1)  # cap on decoded frames per item
     # Frames whose longer side exceeds this are downscaled (area interpolation) to it before anything else;
     # masks are then stored at the downscaled size and items.parquet records the scale.
-    max_side: int = 4096
+    max_side: int = ranged(4096, 64)
 
 
 @dataclass(frozen=True)
@@ -50,22 +89,22 @@ class PromptConfig:
     """SAM2AutomaticMaskGenerator settings. Defaults: the SA-V recipe (32x32 grid, IoU and stability
     filtering, regions under 100 px cleaned) plus our object cap and minimum area."""
 
-    points_per_side: int = 32
-    points_per_batch: int = 64
-    pred_iou_thresh: float = 0.8
-    stability_score_thresh: float = 0.95
-    stability_score_offset: float = 1.0
-    mask_threshold: float = 0.0
-    box_nms_thresh: float = 0.7
-    crop_n_layers: int = 0
-    crop_nms_thresh: float = 0.7
-    crop_overlap_ratio: float = 512 / 1500
-    crop_n_points_downscale_factor: int = 1
-    min_mask_region_area: int = 100  # AMG post-processing: remove islands/holes below this (pixels)
+    points_per_side: int = ranged(32, 1)
+    points_per_batch: int = ranged(64, 1)
+    pred_iou_thresh: float = ranged(0.8, 0, 1)  # scores are in [0, 1]: outside it keeps all or nothing
+    stability_score_thresh: float = ranged(0.95, 0, 1)
+    stability_score_offset: float = ranged(1.0, 0)
+    mask_threshold: float = ranged(0.0)  # a logit: any finite number
+    box_nms_thresh: float = ranged(0.7, 0, 1)
+    crop_n_layers: int = ranged(0, 0)
+    crop_nms_thresh: float = ranged(0.7, 0, 1)
+    crop_overlap_ratio: float = ranged(512 / 1500, 0, 1)
+    crop_n_points_downscale_factor: int = ranged(1, 1)
+    min_mask_region_area: int = ranged(100, 0)  # AMG post-processing: remove islands/holes below this (pixels)
     use_m2m: bool = False
     multimask_output: bool = True
-    min_area: int = 1  # drop prompts whose mask has fewer pixels (empty masks can survive NMS)
-    max_objects: int = 64  # keep the best-scoring masks (predicted IoU x stability) up to this many
+    min_area: int = ranged(1, 0)  # drop prompts whose mask has fewer pixels (empty masks can survive NMS)
+    max_objects: int = ranged(64, 1)  # keep the best-scoring masks (predicted IoU x stability) up to this many
     # The AMG reads the keyframe preprocessed as sam2's video predictor preprocesses frames (PIL resize), and
     # tracking reuses the image features it computed there instead of encoding the frame again. False: the AMG
     # preprocesses as SAM2ImagePredictor does (torchvision resize; stock AMG masks), and the frame is encoded
@@ -76,9 +115,9 @@ class PromptConfig:
 @dataclass(frozen=True)
 class PropagateConfig:
     enabled: bool = True  # False: masks on the keyframe only (phase-1 style)
-    mask_threshold: float = 0.0  # logits above this are foreground in the written masks
-    object_batch: int | None = None  # objects per batched step; null: chosen per device (1 on CPU)
-    prefetch: int = 2  # frames decoded and preprocessed ahead of the model
+    mask_threshold: float = ranged(0.0)  # logits above this are foreground in the written masks
+    object_batch: int | None = ranged(None, 1)  # objects per batched step; null: chosen per device (1 on CPU)
+    prefetch: int = ranged(2, 1)  # frames decoded and preprocessed ahead of the model
     autocast: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on CUDA GPUs with bf16, else off
     tf32: bool = True  # TF32 matmuls on CUDA GPUs that have them
     compile: bool = False  # torch.compile the model's parts (as sam2's vos_optimized); slow first frames
@@ -90,25 +129,25 @@ class PropagateConfig:
 @dataclass(frozen=True)
 class StoreConfig:
     compressor: Literal["zstd", "blosc-zstd", "none"] = "blosc-zstd"
-    level: int = 5
+    level: int = ranged(5, 0, 22)  # zstd: 0-22; blosc-zstd: 0-9 (checked in validate)
     # Zarr chunk = one masklet-frame (1, 1, H, W); chunks are packed into shard files of
     # (all objects, frames_per_file frames): one file per frames_per_file frames of an item.
-    frames_per_file: int = 8
+    frames_per_file: int = ranged(8, 1)
     # Long items are checkpointed at the first frames_per_file boundary after this many seconds since the last
     # checkpoint (tracker state, masks and rows so far), so a killed or requeued job goes on inside the video.
     # 0: at every boundary; null: never (an interrupted item starts again from frame 0).
-    checkpoint_seconds: float | None = 60.0
+    checkpoint_seconds: float | None = ranged(60.0, 0)
 
 
 @dataclass(frozen=True)
 class PlanConfig:
-    max_items_per_shard: int = 32
-    num_shards: int | None = None  # fixed shard count; default: ceil(items / max_items_per_shard)
+    max_items_per_shard: int = ranged(32, 1)
+    num_shards: int | None = ranged(None, 1)  # fixed shard count; default: ceil(items / max_items_per_shard)
 
 
 @dataclass(frozen=True)
 class LocalExecutorConfig:
-    workers: int | None = None  # None: one process per visible GPU, or in-process when there is none
+    workers: int | None = ranged(None, 0)  # 0 or 1: in-process; None: one process per visible GPU, or in-process when there is none
 
 
 @dataclass(frozen=True)
@@ -120,14 +159,14 @@ class SlurmConfig:
     qos: str | None = None
     constraint: str | None = None
     gres: str | None = "gpu:1"  # whole GPU (gpu:a100:1) or MIG slice (gpu:1g.10gb:1): site-specific names
-    gpu_memory_gb: float | None = None  # memory of the GPU/slice the gres gives (sizes the work; null: ask the device)
-    time_min: int = 240
-    cpus_per_task: int = 8
-    mem_gb: float = 32.0
-    array_parallelism: int = 64  # array tasks running at once
-    shards_per_task: int = 1  # shards run by one array task, in order
-    signal_delay_s: int = 120  # SLURM sends USR2 this long before the time limit: checkpoint and requeue
-    max_requeues: int = 20  # preemptions/timeouts survived per task (submitit's max_num_timeout)
+    gpu_memory_gb: float | None = ranged(None, 0, open_lo=True)  # memory of the GPU/slice the gres gives (sizes the work; null: ask the device)
+    time_min: int = ranged(240, 1)
+    cpus_per_task: int = ranged(8, 1)
+    mem_gb: float = ranged(32.0, 0, open_lo=True)
+    array_parallelism: int = ranged(64, 1)  # array tasks running at once
+    shards_per_task: int = ranged(1, 1)  # shards run by one array task, in order
+    signal_delay_s: int = ranged(120, 0)  # SLURM sends USR2 this long before the time limit: checkpoint and requeue
+    max_requeues: int = ranged(20, 0)  # preemptions/timeouts survived per task (submitit's max_num_timeout)
     setup: tuple[str, ...] = ()  # shell lines run before the job (module load ..., source env)
     job_name: str = "masklet"
 
@@ -143,31 +182,52 @@ class RunConfig:
     executor: str = "local"
     local: LocalExecutorConfig = field(default_factory=LocalExecutorConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
-    retries: int = 1  # extra attempts for a failed item before it is recorded as failed
+    retries: int = ranged(1, 0)  # extra attempts for a failed item before it is recorded as failed
 
     def validate(self) -> "RunConfig":
+        """Every numeric key within its declared Range, then the rules that are not ranges."""
+        check_ranges(self)
         if self.model.name not in MODEL_NAMES:
             raise ConfigError(f"model.name={self.model.name!r} is not a known model; use one of {MODEL_NAMES}")
-        if self.model.image_size is not None and (self.model.image_size % 32 or self.model.image_size < 64):
-            raise ConfigError(f"model.image_size={self.model.image_size} must be a multiple of 32 and >= 64")
-        if self.decode.stride < 1:
-            raise ConfigError(f"decode.stride={self.decode.stride} must be >= 1")
-        if self.decode.max_frames is not None and self.decode.max_frames < 1:
-            raise ConfigError(f"decode.max_frames={self.decode.max_frames} must be >= 1 or null")
-        if self.decode.max_side < 64:
-            raise ConfigError(f"decode.max_side={self.decode.max_side} must be >= 64")
+        if self.model.image_size is not None and self.model.image_size % 32:
+            raise ConfigError(f"model.image_size={self.model.image_size} must be a multiple of 32 (64 to 4096), "
+                              f"or null for the model's own 1024")
         if self.executor not in ("local", "slurm"):
             raise ConfigError(f"executor={self.executor!r}: use 'local' or 'slurm'")
-        if self.store.frames_per_file < 1:
-            raise ConfigError("store.frames_per_file must be >= 1")
-        if self.store.checkpoint_seconds is not None and self.store.checkpoint_seconds < 0:
-            raise ConfigError(f"store.checkpoint_seconds={self.store.checkpoint_seconds} must be >= 0, or null "
-                              f"to never checkpoint inside an item")
-        if self.prompt.max_objects < 1:
-            raise ConfigError("prompt.max_objects must be >= 1")
-        if self.retries < 0:
-            raise ConfigError("retries must be >= 0")
+        if self.store.compressor == "blosc-zstd" and self.store.level > 9:
+            raise ConfigError(f"store.level={self.store.level} is out of range for store.compressor=blosc-zstd: "
+                              f"valid range is >= 0 and <= 9 (zstd alone takes up to 22)")
         return self
+
+
+def numeric_fields(cls: type | None = None, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:
+    """(dotted key, field, annotation) of every int or float key of the config, nested sections included."""
+    cls = RunConfig if cls is None else cls
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from numeric_fields(tp, f"{prefix}{f.name}.")
+            continue
+        args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        if any(a in (int, float) for a in args):
+            yield prefix + f.name, f, tp
+
+
+def check_ranges(cfg: Any, prefix: str = "") -> None:
+    """ConfigError for the first numeric key outside its Range, naming the key, the value and the range."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{prefix}{f.name}.")
+            continue
+        valid = field_range(f)
+        if valid is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not valid.contains(value):
+            optional = f.default is None
+            raise ConfigError(f"{prefix}{f.name}={value!r} is out of range: valid range is {valid.describe()}"
+                              f"{' (or null)' if optional else ''}")
 
 
 def _field_types(cls: type) -> dict[str, Any]:
