@@ -123,3 +123,59 @@ def test_mask_stats_match_a_direct_computation():
             assert tuple(boxes[o]) == (xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
         else:
             assert tuple(boxes[o]) == (0, 0, 0, 0)
+
+
+def _write_clip(paths, name: str, masks: np.ndarray, buffer_bytes: int, per_file: int = 4) -> MaskWriter:
+    objects, frames, height, width = masks.shape
+    w = MaskWriter(paths, name, objects, frames + 2, height, width, StoreConfig(frames_per_file=per_file), {"k": 1},
+                   buffer_bytes=buffer_bytes)
+    for t in range(frames):
+        w.write(FrameMasks(t, t, tuple(range(objects)), masks[:, t].copy(), np.zeros(objects, np.float32)))
+    w.finish(num_frames=frames)
+    return w
+
+
+def _files(root) -> dict:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_bounded_buffer_writes_the_same_bytes(paths):
+    """Written a frame at a time (the budget holds less than one frame), 3 frames at a time (slabs that do not
+    divide the 4-frame shard files: 3 + 1 per file) or a whole shard file at a time, the files are identical."""
+    rng = np.random.default_rng(2)
+    masks = np.zeros((3, 10, 24, 32), bool)
+    masks[:, :, 4:20, 6:28] = rng.random((3, 10, 16, 22)) > 0.4  # empty borders: some chunks compress to little
+    masks[1, 5] = False  # an empty chunk (fill value)
+    frame = 3 * 24 * 32
+    writers = {budget: _write_clip(paths, f"b{budget}", masks, budget) for budget in (frame - 1, 3 * frame, 10**9)}
+    assert [w.buffer_frames for w in writers.values()] == [1, 3, 4]
+    files = {budget: _files(w.stage) for budget, w in writers.items()}
+    assert len(files[10**9]) >= 4  # zarr.json and three shard files
+    assert files[frame - 1] == files[3 * frame] == files[10**9]
+    w = writers[3 * frame]
+    w.publish()
+    np.testing.assert_array_equal(open_masks(paths, "b%d" % (3 * frame))[:], masks)
+
+
+def test_the_writer_holds_at_most_its_budget(paths):
+    """Python-side allocations (numpy reports its buffers to tracemalloc) while one 8-frame shard file is
+    written under a budget of 1 and 2 frames: the buffer, the frame in flight and Zarr's scratch, far from
+    the whole file held twice (18 frames' worth measured before the budget: a list of 8 frames, then their
+    np.stack)."""
+    import tracemalloc
+
+    objects, frames, side = 8, 8, 256
+    frame = objects * side * side
+    y, x = np.mgrid[0:side, 0:side]
+    for budget in (frame, 2 * frame):
+        w = MaskWriter(paths, f"peak{budget}", objects, frames, side, side, StoreConfig(frames_per_file=frames), {},
+                       buffer_bytes=budget)
+        tracemalloc.start()
+        for t in range(frames):
+            m = np.stack([(abs(x - 100 - t - o) < 40 + o) & (abs(y - 120 + o) < 50) for o in range(objects)])
+            w.write(FrameMasks(t, t, tuple(range(objects)), m, np.zeros(objects, np.float32)))
+            del m
+        w.finish()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 2 * budget + 2 * frame, (budget // frame, peak / frame)

@@ -7,6 +7,14 @@ runs of equal bytes, and bit-shuffling packs 8 bool bytes into one before compre
 
 Arrays are written under the run's tmp/ and renamed into place when complete: a reader never sees half of
 one, and only items committed in the metadata are read at all.
+
+Memory: the writer holds at most `buffer_bytes` (MASK_BUFFER_BYTES, 512 MiB) of masks, in one buffer
+allocated once: frames are copied into it as they arrive and written when it is full or at a shard-file
+boundary. A shard file of 64 objects x 8 frames at 4096 x 2304 is 4.8 GB of bool; it is then written in
+several slabs, each a partial write of the same shard file: Zarr keeps the encoded chunks already there and
+adds the new ones, so nothing is compressed twice and the file's bytes are the same as one whole write
+(tests/test_store.py compares them). When one frame alone exceeds the budget it is written straight from the
+tracker's array, with no copy at all.
 """
 from __future__ import annotations
 
@@ -22,6 +30,8 @@ from pipeline.config import StoreConfig
 from pipeline.paths import RunPaths
 from pipeline.records import FrameMasks
 
+# Most bytes of masks a MaskWriter holds between writes (one frame is written as it comes when it is larger).
+MASK_BUFFER_BYTES = 512 * 1024**2
 MASKS_GROUP_ATTRS = {"layout": "masks/<item_id>: bool (objects, frames, height, width)"}
 
 
@@ -42,9 +52,11 @@ class MaskWriter:
     """Streams FrameMasks of one item into a staged Zarr array; `publish()` moves it into the run."""
 
     def __init__(self, paths: RunPaths, item_id: str, num_objects: int, num_frames: int, height: int,
-                 width: int, cfg: StoreConfig, attributes: dict, stage: Path | None = None, resume_at: int = 0):
+                 width: int, cfg: StoreConfig, attributes: dict, stage: Path | None = None, resume_at: int = 0,
+                 buffer_bytes: int = MASK_BUFFER_BYTES):
         """`stage`: where to stage the array (default: a new name under tmp/). `resume_at`: go on writing an
-        array already staged there, whose frames before `resume_at` (a shard-file boundary) are final."""
+        array already staged there, whose frames before `resume_at` (a shard-file boundary) are final.
+        `buffer_bytes`: most bytes of masks held between writes (see the module's docstring)."""
         self.paths = paths
         self.item_id = item_id
         self.shape = (num_objects, num_frames, height, width)
@@ -68,36 +80,52 @@ class MaskWriter:
                 overwrite=stage is not None,
             )
         self.per_file = per_file
-        self._buffer: list[np.ndarray] = []
+        frame_bytes = num_objects * height * width  # bool
+        # frames held between writes: as many as the budget allows, never more than a shard file
+        self.buffer_frames = max(1, min(per_file, buffer_bytes // max(1, frame_bytes)))
+        self._buffer: np.ndarray | None = None  # (O, buffer_frames, H, W), allocated at the first frame
+        self._held = 0  # frames in the buffer
         self._start = resume_at  # first frame of the buffered slab
         self.frames_written = resume_at
 
     @property
     def frames_buffered(self) -> int:
         """Frames received so far (written or waiting in the buffer)."""
-        return self._start + len(self._buffer)
+        return self._start + self._held
 
     def write(self, fm: FrameMasks) -> None:
-        if fm.frame != self._start + len(self._buffer):
+        if fm.frame != self._start + self._held:
             raise ValueError(f"item {self.item_id}: frame {fm.frame} arrived out of order")
-        self._buffer.append(fm.masks)
-        if len(self._buffer) == self.per_file:
+        if fm.masks.shape != (self.shape[0], self.shape[2], self.shape[3]):
+            raise ValueError(f"item {self.item_id}: frame {fm.frame} has masks of shape {fm.masks.shape}, "
+                             f"expected {(self.shape[0], self.shape[2], self.shape[3])}")
+        if self.buffer_frames == 1:  # a frame alone fills the budget: write it from the tracker's array
+            self._write_slab(fm.masks[:, None], 1)
+            return
+        if self._buffer is None:
+            self._buffer = np.empty((self.shape[0], self.buffer_frames, self.shape[2], self.shape[3]), dtype=bool)
+        self._buffer[:, self._held] = fm.masks
+        self._held += 1
+        if self._held == self.buffer_frames or (self._start + self._held) % self.per_file == 0:
             self._flush()
 
     def _flush(self) -> None:
-        if not self._buffer:
-            return
-        slab = np.stack(self._buffer, axis=1)  # (O, F, H, W): one whole shard file, written once
-        end = self._start + slab.shape[1]
+        if self._held:
+            self._write_slab(self._buffer[:, :self._held], self._held)
+
+    def _write_slab(self, slab: np.ndarray, frames: int) -> None:
+        """Write (O, frames, H, W) at the current frame; slabs never cross a shard-file boundary."""
+        end = self._start + frames
         if self.shape[0]:
             self.array[:, self._start:end] = slab
         self._start = end
         self.frames_written = end
-        self._buffer = []
+        self._held = 0
 
     def finish(self, num_frames: int | None = None, attributes: dict | None = None) -> None:
         """Flush, and shrink the time axis if the media had fewer frames than probed."""
         self._flush()
+        self._buffer = None
         if num_frames is not None and num_frames != self.shape[1]:
             self.array.resize((self.shape[0], num_frames, self.shape[2], self.shape[3]))
             self.shape = (self.shape[0], num_frames, self.shape[2], self.shape[3])
