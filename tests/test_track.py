@@ -237,6 +237,24 @@ def test_batched_masks_match_plain_sam2(model, clip, eight_objects, plain):
     np.testing.assert_allclose(scores, plain_scores, rtol=1e-3, atol=1e-3)
 
 
+def test_masks_are_upsampled_to_video_resolution_one_object_batch_at_a_time(model, clip, eight_objects):
+    """At 4K the float32 logits of 64 objects at video resolution are 2.4 GB: only an object batch's exist at
+    once. (That the masks keep their bits is test_unbatched_masks_are_identical_to_plain_sam2: plain sam2
+    upsamples all objects in one call, the engine one at a time there.)"""
+    calls: list[int] = []
+
+    def spying(own):
+        def spy(state, any_res_masks):
+            calls.append(any_res_masks.shape[0])
+            return own(state, any_res_masks)
+        return spy
+
+    with patched_method(model.predictor, "_get_orig_video_res_output", spying):
+        got, stats, _, _ = _run(model, clip, eight_objects, TrackOptions(object_batch=3), num_frames=3)
+    assert calls == [3, 3, 2] * 3 and stats.upsample_batch == 3
+    assert all(fm.masks.shape == (OBJECTS, HEIGHT, WIDTH) for fm in got)
+
+
 def test_state_and_frames_stay_bounded(model, unbatched):
     _, stats, frames, ahead = unbatched
     window = max(model.predictor.num_maskmem - 1, model.predictor.max_obj_ptrs_in_encoder - 1)

@@ -19,15 +19,16 @@ masks sam2's SAM2VideoPredictor gives for the same prompts. What differs is how 
   masks as an uninterrupted run. The worker saves it at chunk boundaries of long videos (pipeline/store/partial.py).
 - Objects are batched. Objects with the same prompt frames go through memory attention, the mask decoder and
   the memory encoder together, `object_batch` at a time, their memories stacked along sam2's batch dimension
-  (the layout of sam2's older batched predictor). With `object_batch=1` every model call is the one sam2's
-  per-object predictor makes, so masks are bit-identical to it; larger batches sum matrix products in
-  another order and agree to within float rounding (tests/test_track.py).
+  (the layout of sam2's older batched predictor); they are upsampled to video resolution as many at a time
+  (not all objects at once: at 4K that alone is 37 MB per object). With `object_batch=1` every model call is
+  the one sam2's per-object predictor makes, so masks are bit-identical to it; larger batches sum matrix
+  products in another order and agree to within float rounding (tests/test_track.py).
 - Objects prompted on a later frame than others have no mask (and a NaN score) before their prompt frame.
   (sam2's predictor tracks them from the memory of their future prompt, and on CPU fails doing so: with no
   object pointer in the past its memory attention gets bfloat16 memories alone and raises a dtype error.)
 - Nothing is done twice: sam2's `add_new_mask` consolidates every object's mask at video resolution after
   each prompt (quadratic in objects, and never read by tracking); here each prompt costs one decoder pass and
-  one memory encoding, and each frame one upsampling of all objects' masks to video resolution. And memory
+  one memory encoding, and each frame one upsampling of each object's mask to video resolution. And memory
   attention's first layer begins with self-attention over the frame's own features, the same input for every
   object: it runs once per frame and every object batch reuses it (`_SharedFirstSelfAttention`); sam2 runs it
   once per object. Unbatched, masks stay bit-identical (the same call on the same input).
@@ -159,6 +160,7 @@ class TrackStats:
     # (`_SharedFirstSelfAttention`); 0 when not shared (torch.compile), where sam2 runs it once per object
     self_attention_runs: int = 0
     keyframe_reused: bool = False  # the prompt stage's encoding of the first prompt frame was reused
+    upsample_batch: int = 0  # objects upsampled to video resolution together (the object batch)
 
 
 @dataclass
@@ -749,13 +751,29 @@ class _Engine:
         all_scores = torch.cat(scores) if len(scores) > 1 else scores[0]
         if order is not None:
             all_masks, all_scores = all_masks[order], all_scores[order]
-        # one upsampling of every object's mask to video resolution, as propagate_in_video does it
-        _, video_res_masks = pred._get_orig_video_res_output(state, all_masks)
-        binary = (video_res_masks[:, 0] > self.options.mask_threshold).cpu().numpy()
+        binary = self._video_res_binary(state, all_masks)
         feed.release_before(t + 1)
         return FrameMasks(frame=t, source_frame=self.source_frames[t],
                           object_ids=tuple(int(o) for o in self.object_ids), masks=binary,
                           object_scores=all_scores.flatten().float().cpu().numpy())
+
+
+    def _video_res_binary(self, state: dict, low_res: torch.Tensor) -> np.ndarray:
+        """Every object's mask at video resolution, thresholded, as propagate_in_video computes it
+        (`_get_orig_video_res_output`), one object batch at a time: only `object_batch` objects' float32 logits
+        at video resolution exist at once (all 64 at 4096 x 2304 would be 2.4 GB on the device). Bilinear
+        upsampling treats each object alone, so the masks are the same bits. With sam2's non-overlap constraint
+        (it compares objects) all objects go at once."""
+        pred = self.predictor
+        n = low_res.shape[0]
+        step = n if getattr(pred, "non_overlap_masks", False) else max(1, self.stats.object_batch or n)
+        out = np.empty((n, self.height, self.width), dtype=bool)
+        for i in range(0, n, step):
+            _, video_res_masks = pred._get_orig_video_res_output(state, low_res[i:i + step])
+            out[i:i + step] = (video_res_masks[:, 0] > self.options.mask_threshold).cpu().numpy()
+            del video_res_masks
+        self.stats.upsample_batch = step
+        return out
 
 
 def _set_tf32(value: tuple[bool, bool]) -> None:
