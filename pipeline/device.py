@@ -9,6 +9,14 @@ Owns two things:
   state goes to host memory). The rule is written in its docstring; every number it uses is below, each
   marked as a fact (read from sam2's source or its published figures), a measurement (how to repeat it),
   or an estimate (a policy choice or a guess no machine here could check).
+- `size_item(sizing, item_id, height, width, points_per_batch)`: the same rule for one item, whose video
+  resolution adds two costs that the model's input size does not show: the AMG's masks at the frame's full
+  resolution (points_per_batch of them at once) and every tracked frame's upsampling of the objects' masks to
+  video resolution. It lowers the object batch to what fits, or raises `ItemTooLargeError` (a ValueError:
+  the worker records it as that item's failure) naming what would fit.
+- `memory_for(device, gpu_memory_gb)`: the memory to size for; `slurm.gpu_memory_gb` when the device cannot
+  be asked, the smaller of the two when both are known.
+- `python -m pipeline.device` prints the sizing table of the README (tests/test_device.py checks they agree).
 
 It never changes what a run computes: the model is the run's (frozen in run.json); sizing only says whether
 it fits and how to lay the work out on the memory there is.
@@ -17,7 +25,7 @@ from __future__ import annotations
 
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Mapping
 
 from pipeline.config import MODEL_NAMES
@@ -67,6 +75,17 @@ def frame_bytes(image_size: int) -> int:
     return 3 * image_size * image_size * 4
 
 
+# Measured (`python benchmarks/measure_memory.py`, CPU, float32, torch 2.14.1, sam2 1.1.0, 2026-12-05): the AMG
+# upsamples each batch of points' masks (3 per point, multimask) to the frame's full resolution in float32 and
+# thresholds, scores and encodes them there: its peak grows by 14.4-14.5 bytes per point per frame pixel.
+# Budget 16 (about 10% margin).
+AMG_BYTES_PER_POINT_PIXEL = 16
+# Measured the same way: the tracker's upsampling of an object batch's masks to video resolution (float32
+# logits, then the bool mask) peaks at 5.0 bytes per object per video pixel. Budget 5 (4 + 1 exactly: nothing
+# else is made at that size). Per object of a tracking step, beside the step's own BYTES_PER_OBJECT_PIXEL x S^2.
+UPSAMPLE_BYTES_PER_OBJECT_PIXEL = 5
+
+
 # --- estimates (policy choices; no GPU was available to measure them where this was written) -----------------
 # Memory the device reports but the worker cannot use: the CUDA context (a few hundred MiB on current drivers)
 # and the caching allocator's fragmentation. On a CPU: the interpreter, torch, sam2 and the decoders (measured
@@ -86,6 +105,12 @@ STATE_SHARE = 0.25
 
 
 DeviceKind = Literal["cpu", "gpu", "mig"]
+
+
+class ItemTooLargeError(ValueError):
+    """One item needs more device memory than there is, even one object at a time. A ValueError, so the worker
+    records it as that item's failure and goes on; the message names the item, the memory it needs and the
+    settings or cluster profiles with which it would fit."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +146,9 @@ class WorkSizing:
     object_batch: int  # objects per batched tracking step
     frames_ahead: int  # preprocessed frames decoded ahead and held for the model
     offload_state: bool  # keep the tracking state in host memory (sam2's offload_state_to_cpu)
+    kind: DeviceKind = "gpu"
+    max_objects: int = 64
+    free_bytes: int = 0  # usable memory left after the model's fixed cost (what objects and the AMG share)
 
     def refusal(self) -> str | None:
         """Why the model cannot run here (None when it fits), with the way out."""
@@ -183,11 +211,154 @@ def size_work(memory_bytes: int, model_name: str, image_size: int | None, *, kin
         offload = state > STATE_SHARE * free
     return WorkSizing(memory_bytes=memory_bytes, model_name=model_name, image_size=size, model_bytes=fixed,
                       model_fits=fixed <= MODEL_SHARE * usable, largest_model=largest, object_batch=object_batch,
-                      frames_ahead=frames_ahead, offload_state=offload)
+                      frames_ahead=frames_ahead, offload_state=offload, kind=kind, max_objects=max_objects,
+                      free_bytes=free)
 
 
-def size_for_device(device: DeviceInfo, model_name: str, image_size: int | None, max_objects: int = 64) -> WorkSizing:
-    return size_work(device.memory_bytes, model_name, image_size, kind=device.kind, max_objects=max_objects)
+def size_for_device(device: DeviceInfo | None, model_name: str, image_size: int | None, max_objects: int = 64,
+                    gpu_memory_gb: float | None = None) -> WorkSizing:
+    """size_work for a device (None: a GPU whose memory could not be read, sized by gpu_memory_gb)."""
+    return size_work(memory_for(device, gpu_memory_gb), model_name, image_size,
+                     kind=device.kind if device else "gpu", max_objects=max_objects)
+
+
+def memory_for(device: DeviceInfo | None, gpu_memory_gb: float | None) -> int:
+    """The memory to size for. A GPU or MIG slice: what it reports, or `slurm.gpu_memory_gb` (GB = 1e9 bytes)
+    when that is smaller (a profile written for 40 GB cards on a partition that also has 80 GB ones) or when
+    the device could not be asked (`device` None). A CPU: host memory (gpu_memory_gb is a GPU's)."""
+    configured = None if gpu_memory_gb is None else int(gpu_memory_gb * 1e9)
+    if device is None:
+        if configured is None:
+            raise ValueError("the device's memory could not be read and slurm.gpu_memory_gb is not set; set it to "
+                             "the memory of the GPU or MIG slice the job gets (e.g. slurm.gpu_memory_gb=10)")
+        return configured
+    if device.kind == "cpu" or configured is None:
+        return device.memory_bytes
+    return min(device.memory_bytes, configured)
+
+
+# --- one item: the costs that grow with the video's resolution ---------------------------------------------------
+
+def amg_bytes(points_per_batch: int, height: int, width: int) -> int:
+    """The AMG's peak beyond the model: points_per_batch points' masks at the frame's full resolution."""
+    return AMG_BYTES_PER_POINT_PIXEL * points_per_batch * height * width
+
+
+def object_bytes(image_size: int, height: int, width: int) -> int:
+    """One object of a batched tracking step: the step at model resolution and its upsampling to video's."""
+    from pipeline.stages.track import BYTES_PER_OBJECT_PIXEL
+
+    return BYTES_PER_OBJECT_PIXEL * image_size**2 + UPSAMPLE_BYTES_PER_OBJECT_PIXEL * height * width
+
+
+def item_fit(sizing: WorkSizing, height: int, width: int, points_per_batch: int) -> tuple[int, int]:
+    """(object batch that fits, device bytes the item needs at object batch 1); batch 0: it does not fit.
+
+    On a GPU or MIG slice the AMG's masks may take all of `free` (tracking has not started then), and an object
+    batch CUDA_MEMORY_SHARE (half) of it, as in size_work. On a CPU the batch stays 1 (size_work's rule); both
+    must fit in what the host has left."""
+    from pipeline.stages.track import CUDA_MEMORY_SHARE, MAX_CUDA_OBJECT_BATCH
+
+    amg = amg_bytes(points_per_batch, height, width)
+    per_object = object_bytes(sizing.image_size, height, width)
+    need = sizing.model_bytes + max(amg, int(per_object / CUDA_MEMORY_SHARE)) + RESERVE_BYTES
+    if amg > sizing.free_bytes:
+        return 0, need
+    fit = int(sizing.free_bytes * CUDA_MEMORY_SHARE // per_object)
+    if fit < 1:
+        return 0, need
+    if sizing.kind == "cpu":
+        return 1, need
+    return min(fit, MAX_CUDA_OBJECT_BATCH), need
+
+
+def size_item(sizing: WorkSizing, item_id: str, height: int, width: int, points_per_batch: int) -> WorkSizing:
+    """`sizing` for one item of height x width: the object batch lowered to what fits beside the item's
+    upsampling (never raised); ItemTooLargeError when even one object at a time, or the AMG, does not fit."""
+    batch, need = item_fit(sizing, height, width, points_per_batch)
+    if batch < 1:
+        raise ItemTooLargeError(_too_large(sizing, item_id, height, width, points_per_batch, need))
+    return replace(sizing, object_batch=min(sizing.object_batch, batch))
+
+
+def _too_large(sizing: WorkSizing, item_id: str, height: int, width: int, points_per_batch: int, need: int) -> str:
+    ways = []
+    ppb = next((p for p in range(points_per_batch - 1, 0, -1)
+                if item_fit(sizing, height, width, p)[0]), None)
+    if ppb:
+        ways.append(f"prompt.points_per_batch={ppb} (a new run: the AMG's batch is part of the config)")
+    longer = max(height, width)
+    side = next((s for s in range(longer - 64, 63, -64)
+                 if item_fit(sizing, *_scaled(height, width, s), points_per_batch)[0]), None)
+    if side:
+        ways.append(f"decode.max_side={side} (a new run; masks at the reduced size)")
+    profiles = [name for name, gb in profile_memories().items()
+                if item_fit(size_work(int(gb * 1e9), sizing.model_name, sizing.image_size,
+                                      max_objects=sizing.max_objects), height, width, points_per_batch)[0]]
+    if profiles:
+        ways.append(f"a cluster profile with more memory: {', '.join(profiles)} (--profile NAME; the masks do not "
+                    f"change)")
+    return (f"item {item_id} ({width}x{height}) needs about {need / GiB:.1f} GiB of device memory even one object "
+            f"at a time (the AMG's {points_per_batch} masks at full resolution: "
+            f"{amg_bytes(points_per_batch, height, width) / GiB:.1f} GiB; one tracked object: "
+            f"{object_bytes(sizing.image_size, height, width) / GiB:.2f} GiB), this device has "
+            f"{sizing.memory_bytes / GiB:.1f} GiB; it fits with " + ("; or ".join(ways) or "no setting found"))
+
+
+def _scaled(height: int, width: int, max_side: int) -> tuple[int, int]:
+    """The frame size decode.max_side gives (pipeline.stages.decode's rounding: half up, at least 1)."""
+    longer = max(height, width)
+    if longer <= max_side:
+        return height, width
+    scale = lambda v: max(1, int(v * max_side / longer + 0.5))  # noqa: E731
+    return (max_side, scale(width)) if height >= width else (scale(height), max_side)
+
+
+def profile_memories() -> dict[str, float]:
+    """gpu_memory_gb of each cluster profile in configs/clusters/ that sets it, smallest first."""
+    import yaml
+
+    from pipeline.config import PROFILES_DIR
+
+    found = {}
+    for path in sorted(PROFILES_DIR.glob("*.yaml")):
+        gb = (yaml.safe_load(path.read_text()) or {}).get("slurm", {}).get("gpu_memory_gb")
+        if gb:
+            found[path.stem] = float(gb)
+    return dict(sorted(found.items(), key=lambda kv: (kv[1], kv[0])))
+
+
+# --- the README's table ------------------------------------------------------------------------------------------
+
+TABLE_VIDEOS = {"720p": (720, 1280), "1080p": (1080, 1920), "4K": (2304, 4096)}
+TABLE_MEMORIES_GB = (10, 12, 40, 80)
+
+
+def sizing_table(model_names: tuple[str, str] = ("sam2.1_hiera_tiny", "sam2.1_hiera_large"), image_size: int = 1024,
+                 points_per_batch: int = 64, max_objects: int = 64) -> str:
+    """Markdown: objects per tracking step (tiny / large) per video resolution and GPU memory, and the frames
+    of masks the writer holds per write (pipeline.store.masks; host memory, so the same on every GPU)."""
+    from pipeline.store.masks import MASK_BUFFER_BYTES
+
+    head = " | ".join(f"{gb} GB" for gb in TABLE_MEMORIES_GB)
+    lines = [f"| video (defaults: {max_objects} objects, points_per_batch {points_per_batch}) | frames per write | "
+             f"{head} |", "|---|---|" + "---|" * len(TABLE_MEMORIES_GB)]
+    for label, (height, width) in TABLE_VIDEOS.items():
+        per_write = max(1, min(8, MASK_BUFFER_BYTES // (max_objects * height * width)))
+        cells = []
+        for gb in TABLE_MEMORIES_GB:
+            batches = []
+            for name in model_names:
+                sizing = size_work(int(gb * 1e9), name, image_size, max_objects=max_objects)
+                batch = item_fit(sizing, height, width, points_per_batch)[0]
+                batches.append(str(min(batch, sizing.object_batch)) if batch else "too large")
+            cells.append(" / ".join(batches))
+        lines.append(f"| {label} ({width}x{height}) | {per_write} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(sizing_table())
 
 
 # --- detection -----------------------------------------------------------------------------------------------

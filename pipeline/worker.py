@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from pipeline.config import RunConfig
-from pipeline.device import WorkSizing, detect_device, size_for_device
+from pipeline.device import WorkSizing, detect_device, size_for_device, size_item
 from pipeline.plan import RunPlan, config_fingerprint, load_run
 from pipeline.records import FrameMasks, ItemResult, MediaItem
 from pipeline.stages.decode import display_path, open_frames, utf8_text
@@ -70,19 +70,29 @@ class Models:
             log.info("model %s on %s", self._model.label, self._model.device)
             if self._model.device.type == "cuda":
                 # Size the work to this GPU or MIG slice (pipeline/device.py has the rule).
-                info = detect_device()
+                try:
+                    info = detect_device()
+                except Exception as e:  # noqa: BLE001 - sized from slurm.gpu_memory_gb below, or refused there
+                    log.warning("cannot read the device's memory (%s); sizing from slurm.gpu_memory_gb", e)
+                    info = None
                 self.sizing = size_for_device(info, self.cfg.model.name, self._model.image_size,
-                                              self.cfg.prompt.max_objects)
-                log.info("device %s: object batch %d, frames ahead %d, state %s", info.describe(),
+                                              self.cfg.prompt.max_objects, self.cfg.slurm.gpu_memory_gb)
+                log.info("device %s: object batch %d, frames ahead %d, state %s",
+                         info.describe() if info else f"{self.sizing.memory_bytes / 1e9:g} GB (slurm.gpu_memory_gb)",
                          self.sizing.object_batch, self.sizing.frames_ahead,
                          "offloaded to host memory" if self.sizing.offload_state else "on the device")
                 if self.sizing.refusal():
                     raise RuntimeError(self.sizing.refusal())
         return self._model
 
-    def track_options(self) -> TrackOptions:
+    def track_options(self, item_id: str = "", height: int | None = None, width: int | None = None) -> TrackOptions:
+        """How to track, sized to this device and, given the item's frame size, to that item (its AMG and
+        upsampling grow with it): ItemTooLargeError (a ValueError: that item fails) when it cannot fit."""
         p = self.cfg.propagate
-        object_batch = p.object_batch or (self.sizing.object_batch if self.sizing else None)
+        sizing = self.sizing
+        if sizing is not None and height and width:
+            sizing = size_item(sizing, item_id, height, width, self.cfg.prompt.points_per_batch)
+        object_batch = p.object_batch or (sizing.object_batch if sizing else None)
         prefetch = max(p.prefetch, self.sizing.frames_ahead) if self.sizing else p.prefetch
         offload = p.offload_state if p.offload_state is not None else bool(self.sizing and self.sizing.offload_state)
         return TrackOptions(object_batch=object_batch, prefetch=prefetch, autocast=p.autocast, tf32=p.tf32,
@@ -138,6 +148,7 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models) 
         raise ValueError(f"{display_path(item.path)}: no frame could be decoded")
     height, width = first.shape[:2]
     model = models.model
+    options = models.track_options(item.item_id, height, width)  # before the AMG: it grows with the frame too
     if model.random_weights:
         _mark_random_weights(plan, model)
     num_frames = len(source) if cfg.propagate.enabled else 1
@@ -171,7 +182,7 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models) 
     try:
         if prompts and cfg.propagate.enabled:
             stream = track(model, itertools.chain([first], frames), num_frames, height, width, prompts,
-                           source.source_frames, models.track_options(),
+                           source.source_frames, options,
                            resume=TrackerState.from_payload(resume.tracker) if resume else None,
                            keyframe=keyframe)
             keyframe = None  # tracking holds it until its first frame is done, then drops it

@@ -161,3 +161,97 @@ def test_the_worker_offloads_the_state_when_the_sizing_or_the_config_says_so(set
     models.sizing = size_work(int(10e9), LARGE, 1024, max_objects=256 if sized else 8)
     assert models.sizing.offload_state is sized
     assert models.track_options().offload_state is expected
+
+
+# --- one item: the AMG's and the upsampling's memory grow with the video's resolution -------------------------
+
+UHD = (2304, 4096)  # height, width: 4K as decode.max_side=4096 leaves it
+
+
+def test_the_item_costs_that_grow_with_resolution():
+    # 64 points' masks at 4K: 16 B x 64 x 9,437,184 px = 9.0 GiB; one object's upsampling: 5 B x 9,437,184.
+    assert dev.amg_bytes(64, *UHD) == 16 * 64 * 4096 * 2304
+    assert dev.object_bytes(1024, *UHD) == 160 * 1024**2 + 5 * 4096 * 2304
+
+
+def test_a_4k_item_on_a_10gb_slice_is_refused_with_what_would_fit():
+    sizing = size_work(int(10e9), TINY, 1024)
+    with pytest.raises(dev.ItemTooLargeError) as e:
+        dev.size_item(sizing, "clip_4k", *UHD, points_per_batch=64)
+    assert isinstance(e.value, ValueError)  # the worker records it as the item's failure
+    text = str(e.value)
+    # free = 10e9 - 2**30 - 453,121,800 = 8,473,136,376 B; the AMG fits while 16 x ppb x 9,437,184 <= free: 56.
+    assert "item clip_4k (4096x2304)" in text and "prompt.points_per_batch=56" in text
+    assert "mig-1g.12gb" in text and "mig-3g.40gb" in text and "mig-1g.10gb" not in text
+    assert "decode.max_side=" in text and "GiB" in text
+    assert dev.size_item(sizing, "clip_4k", *UHD, points_per_batch=56).object_batch >= 1
+    # the same item fits on 12 GB, with fewer objects per step than the model input alone would allow
+    twelve = size_work(int(12e9), TINY, 1024)
+    assert dev.size_item(twelve, "clip_4k", *UHD, 64).object_batch < twelve.object_batch
+
+
+def test_the_object_batch_leaves_room_for_the_upsampling():
+    sizing = size_work(int(10e9), TINY, 1024)
+    # half of free / (160 x 1024^2 + 5 x pixels): 720p 24, 1080p 23, 4K (with a smaller AMG batch) 19
+    got = [dev.size_item(sizing, "x", h, w, 32).object_batch for h, w in ((720, 1280), (1080, 1920), UHD)]
+    assert got == [24, 23, 19] and sizing.object_batch == 25
+    assert dev.size_item(size_work(int(80e9), TINY, 1024), "x", *UHD, 64).object_batch == 64
+
+
+def test_even_one_object_too_many_is_refused():
+    sizing = size_work(int(4e9), LARGE, 1024)  # model fits (1.3 GB <= half of 2.9 GB usable)
+    assert sizing.model_fits
+    with pytest.raises(dev.ItemTooLargeError, match="even one object at a time"):
+        dev.size_item(sizing, "huge", 20000, 20000, 1)
+
+
+def test_gpu_memory_gb_sizes_when_the_device_cannot_be_asked_and_caps_it_otherwise():
+    gpu80 = DeviceInfo("gpu", "NVIDIA A100-SXM4-80GB", 85_899_345_920, index=0)
+    assert dev.memory_for(gpu80, None) == 85_899_345_920
+    assert dev.memory_for(gpu80, 40) == 40 * 10**9  # "set 40 for 40 GB cards": the smaller wins
+    assert dev.memory_for(DeviceInfo("mig", "x MIG 1g.10gb", 9_938_665_472, index=0), 12) == 9_938_665_472
+    assert dev.memory_for(None, 10) == 10 * 10**9
+    with pytest.raises(ValueError, match="slurm.gpu_memory_gb"):
+        dev.memory_for(None, None)
+    assert dev.memory_for(DeviceInfo("cpu", "cpu", 8 * GiB), 10) == 8 * GiB  # a GPU's figure, not the host's
+    assert dev.size_for_device(gpu80, TINY, 1024, gpu_memory_gb=10).object_batch == 25
+
+
+def test_the_worker_reads_gpu_memory_gb_and_sizes_each_item(monkeypatch):
+    from pipeline.worker import Models
+
+    _fake_cuda(monkeypatch, "NVIDIA A100-SXM4-80GB", 85_899_345_920, "8c1e0b51")
+    cfg = load_config(profile="mig-1g.10gb", overrides=["executor=local"])
+    models = Models(cfg)
+    models._model = types.SimpleNamespace(device=torch.device("cuda"), image_size=1024, label="fake")
+
+    def sized_model():  # Models.model's sizing, without loading a model
+        models._model, model = None, models._model
+        monkeypatch.setattr("pipeline.worker.load_model", lambda cfg: model)
+        return models.model
+
+    sized_model()
+    assert models.sizing.memory_bytes == 10 * 10**9 and models.sizing.object_batch == 25
+    assert models.track_options("a", 720, 1280).object_batch == 24
+    with pytest.raises(dev.ItemTooLargeError, match="item b "):
+        models.track_options("b", *UHD)
+    monkeypatch.setattr(dev, "detect_device", lambda: (_ for _ in ()).throw(RuntimeError("NVML gone")))
+    monkeypatch.setattr("pipeline.worker.detect_device", dev.detect_device)
+    sized_model()
+    assert models.sizing.memory_bytes == 10 * 10**9
+
+
+def test_the_readme_table_is_the_codes_output():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    printed = subprocess.run([sys.executable, "-m", "pipeline.device"], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    assert printed == dev.sizing_table()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- sizing-table: python -m pipeline.device -->\n(.*?)\n<!-- /sizing-table -->", readme,
+                      re.S)
+    assert block, "README.md lost the sizing table's markers"
+    assert block.group(1).strip() == printed
