@@ -161,10 +161,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--objects", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--quick", action="store_true", help="two small frame sizes, batches 8 and 16")
+    ap.add_argument("--quick", action="store_true", help="320x240 and 640x480, batches 8 and 16 of a 4x4 grid")
     args = ap.parse_args(argv)
     if args.quick:
-        args.sizes, args.batches, args.points_per_side = [(160, 120), (320, 240)], [8, 16], 4
+        args.sizes, args.batches, args.points_per_side = [(320, 240), (640, 480)], [8, 16], 4
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(replace(ModelConfig(random_weights=True, image_size=args.image_size, device=args.device),

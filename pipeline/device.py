@@ -77,8 +77,9 @@ def frame_bytes(image_size: int) -> int:
 
 # Measured (`python benchmarks/measure_memory.py`, CPU, float32, torch 2.14.1, sam2 1.1.0, 2026-12-05): the AMG
 # upsamples each batch of points' masks (3 per point, multimask) to the frame's full resolution in float32 and
-# thresholds, scores and encodes them there: its peak grows by 14.4-14.5 bytes per point per frame pixel.
-# Budget 16 (about 10% margin).
+# thresholds, scores and encodes them there: its peak grows by 14.95 bytes per point per frame pixel (slope
+# over 640x480 and 1280x720 at 16, 32 and 64 points per batch; 15.1 per point-pixel at 1280x720 with the
+# fixed part included). Budget 16 (7% margin).
 AMG_BYTES_PER_POINT_PIXEL = 16
 # Measured the same way: the tracker's upsampling of an object batch's masks to video resolution (float32
 # logits, then the bool mask) peaks at 5.0 bytes per object per video pixel. Budget 5 (4 + 1 exactly: nothing
