@@ -28,7 +28,7 @@ import platform
 from dataclasses import dataclass, replace
 from typing import Literal, Mapping
 
-from pipeline.config import MODEL_NAMES
+from pipeline.config import MODEL_NAMES, StoreConfig
 
 GiB = 1024**3
 
@@ -345,7 +345,7 @@ def sizing_table(model_names: tuple[str, str] = ("sam2.1_hiera_tiny", "sam2.1_hi
     lines = [f"| video (defaults: {max_objects} objects, points_per_batch {points_per_batch}) | frames per write | "
              f"{head} |", "|---|---|" + "---|" * len(TABLE_MEMORIES_GB)]
     for label, (height, width) in TABLE_VIDEOS.items():
-        per_write = max(1, min(8, MASK_BUFFER_BYTES // (max_objects * height * width)))
+        per_write = max(1, min(StoreConfig().frames_per_file, MASK_BUFFER_BYTES // (max_objects * height * width)))
         cells = []
         for gb in TABLE_MEMORIES_GB:
             batches = []
