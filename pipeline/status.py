@@ -170,7 +170,7 @@ def format_status(plan: RunPlan, shards: list[ShardStatus], scheduler: Scheduler
         job_text = f"{job.task_id} {job.state}" if job else ""
         lines.append(f"  {s.shard_id:>6} {s.total:>6} {s.done:>6} {s.failed:>6} {s.pending:>7}  "
                      f"{states[s.shard_id]:<8} {job_text}".rstrip())
-    failed_tasks = {jobs[sid].task_id: jobs[sid] for sid, st in states.items() if st == "failed"}
+    failed_tasks = {jobs[sid].task_id: jobs[sid] for sid, st in states.items() if st == "failed" and sid in jobs}
     if failed_tasks:
         lines.append("  tasks that ended with items pending (`masklet resume OUT` runs them again):")
         for task_id, job in sorted(failed_tasks.items()):
