@@ -364,7 +364,8 @@ def run_shard(run_dir: str, shard_id: int, redo_failed: bool = False,
         stop = faults.shard_stop(e, shard_id, plan.paths.root)
         if stop is None:
             raise
-        log.error("%s; `masklet resume %s` runs the shard again", stop, plan.paths.root)
+        # INFO: the shard's log gets it; the terminal gets the CLI's one line (or, with -v, this too)
+        log.info("%s; `masklet resume %s` runs the shard again", stop, plan.paths.root)
         faults.write_shard_fault(plan.paths, stop.fault)
         if stop is e:
             raise
@@ -381,7 +382,7 @@ def _load_model(plan: RunPlan, shard_id: int, models: Models) -> None:
     try:
         models.model
     except Exception as e:  # noqa: BLE001 - whatever stops the model from loading stops every item alike
-        log.error("the model could not be loaded:\n%s", traceback.format_exc())
+        log.info("the model could not be loaded:\n%s", traceback.format_exc())
         fault = faults.model_load_fault(e, plan.config.model.name)
         raise faults.EnvironmentFault(faults.ShardFault.now(shard_id, fault, None)) from e
 
@@ -433,8 +434,9 @@ def _run_with_retries(plan: RunPlan, shard_id: int, item: MediaItem, models: Mod
             return dataclasses.replace(result, attempts=attempt.number), tables
         except Exception as e:  # noqa: BLE001 - sorted below; none escapes unrecorded
             fault = faults.classify(e, plan.paths.root)
-            log.warning("item %s attempt %d (%s fault) failed: %s\n%s", item.item_id, attempt.number, fault.kind,
-                        fault.error, traceback.format_exc())
+            log.log(logging.INFO if fault.kind == "environment" else logging.WARNING,
+                    "item %s attempt %d (%s fault) failed: %s\n%s", item.item_id, attempt.number, fault.kind,
+                    fault.error, traceback.format_exc())
             if fault.kind == "environment":
                 raise faults.EnvironmentFault(faults.ShardFault.now(shard_id, fault, item.item_id)) from e
             if fault.kind == "oom":
