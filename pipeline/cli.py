@@ -13,6 +13,11 @@ from pipeline.config import (ConfigError, config_from_dict, config_to_dict, load
                              profile_path)
 
 
+# Exit status of a run stopped by a fault of its environment (GPU, output file system, model; pipeline/faults.py):
+# nothing is wrong with the items, `masklet resume OUT` later goes on. 2 is a usage or input error.
+EXIT_ENVIRONMENT_FAULT = 3
+
+
 def _cmd_manifest_build(args) -> int:
     from pipeline.manifest import build_manifest, update_manifest
 
@@ -129,11 +134,12 @@ def _launch(plan, cfg, shard_ids: list[int], *, redo_failed: bool, wait: bool, c
     print(text)
     from pipeline.status import run_status
 
-    pending = sum(s.pending for s in run_status(root)[1])
+    shards = run_status(root)[1]
+    pending = sum(s.pending for s in shards)
     if pending:
         print(f"masklet: {pending} item(s) still pending after the jobs ended; see the failed tasks above, then "
               f"`masklet resume {root}`", file=sys.stderr)
-        return 1
+        return EXIT_ENVIRONMENT_FAULT if any(s.fault for s in shards if s.pending) else 1
     return 0
 
 
@@ -324,11 +330,16 @@ def main(argv: list[str] | None = None) -> int:
     # sam2 builds its position encodings with torch.jit.script, which torch now warns about at every build.
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     from pipeline.executors.slurm import SlurmError
+    from pipeline.faults import EnvironmentFault
     from pipeline.plan import RunMismatchError
     from pipeline.stages.models import CheckpointError
 
     try:
         return args.func(args)
+    except EnvironmentFault as e:
+        # Not the items' fault: they stay pending. One line (the shard log has the traceback); exit 3.
+        print(f"masklet: {e}; `masklet resume {getattr(args, 'out', 'OUT')}` once that is fixed", file=sys.stderr)
+        return EXIT_ENVIRONMENT_FAULT
     except (ConfigError, FileNotFoundError, ValueError, CheckpointError, RunMismatchError, SlurmError) as e:
         # Input problems: one clear line (the message says the fix); -v shows the traceback too.
         if args.verbose:

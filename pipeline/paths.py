@@ -10,6 +10,8 @@
       logs/shard-00007.log          one log per shard
       tmp/                          staging area; anything here is uncommitted and may be deleted
       tmp/partial/<item_id>/        a long item's checkpoint: masks and rows so far, tracker state
+      faults/shard-00007.json       why shard 7 stopped on an environment fault (pipeline/faults.py); removed
+                                    when the shard next finishes cleanly
       slurm/jobs.jsonl              one line per SLURM submission: job id, array tasks and their shard ids
       slurm/<job>_<task>/           submitit's folder of one array task (pickles, stdout/stderr logs)
 """
@@ -88,6 +90,14 @@ class RunPaths:
     def partial(self, item_id: str) -> Path:
         """Where a long item's checkpoint lives until the item is committed (pipeline/store/partial.py)."""
         return self.tmp / "partial" / check_component(item_id)
+
+    @property
+    def faults(self) -> Path:
+        return self.root / "faults"
+
+    def shard_fault(self, shard_id: int) -> Path:
+        """The record of the environment fault that last stopped a shard (pipeline/faults.py)."""
+        return self.faults / f"shard-{shard_id:05d}.json"
 
     @property
     def slurm(self) -> Path:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pipeline.faults import read_shard_fault
 from pipeline.plan import RunPlan, load_run
 from pipeline.store.commit import read_shard_table
 from pipeline.store.metadata import ITEMS_SCHEMA
@@ -24,6 +25,7 @@ class ShardStatus:
     frames_done: int = 0
     errors: dict[str, str] = field(default_factory=dict)
     finished: list[tuple[datetime, int]] = field(default_factory=list)  # (commit time, frames) per item
+    fault: str | None = None  # why the shard last stopped on an environment fault (OUT/faults/), until it finishes
 
     @property
     def pending(self) -> int:
@@ -68,6 +70,8 @@ def shard_status(plan: RunPlan, shard_id: int) -> ShardStatus:
         if row["finished_at"] is not None:
             frames = (row["num_frames"] or 0) if row["status"] == "done" else 0
             st.finished.append((row["finished_at"], frames))
+    fault = read_shard_fault(plan.paths, shard_id)
+    st.fault = fault.line if fault else None
     return st
 
 
@@ -82,12 +86,14 @@ UNKNOWN = "UNKNOWN"  # the scheduler's word when it cannot say (unreachable, or 
 
 def shard_state(st: ShardStatus, job: ShardJob | None) -> str:
     """done: nothing pending. running / queued: its task is. failed: its task ended with items still pending
-    (crashed, cancelled, out of requeues: `masklet resume` runs them). unknown: the scheduler cannot say.
-    pending: never submitted (or run locally)."""
+    (crashed, cancelled, out of requeues), or it stopped on an environment fault (`masklet resume` runs them).
+    unknown: the scheduler cannot say. pending: never submitted (or run locally)."""
     if st.pending == 0:
         return "done"
     if job is None:
-        return "pending"
+        return "failed" if st.fault else "pending"
+    if st.fault and not job.active:
+        return "failed"
     if job.active:
         return "running" if job.state == "RUNNING" else "queued"
     return "unknown" if job.state == UNKNOWN else "failed"
@@ -164,11 +170,16 @@ def format_status(plan: RunPlan, shards: list[ShardStatus], scheduler: Scheduler
         job_text = f"{job.task_id} {job.state}" if job else ""
         lines.append(f"  {s.shard_id:>6} {s.total:>6} {s.done:>6} {s.failed:>6} {s.pending:>7}  "
                      f"{states[s.shard_id]:<8} {job_text}".rstrip())
-    failed_tasks = {jobs[sid].task_id: jobs[sid] for sid, st in states.items() if st == "failed"}
+    failed_tasks = {jobs[sid].task_id: jobs[sid] for sid, st in states.items() if st == "failed" and sid in jobs}
     if failed_tasks:
         lines.append("  tasks that ended with items pending (`masklet resume OUT` runs them again):")
         for task_id, job in sorted(failed_tasks.items()):
             lines.append(f"    {task_id} {job.state}: log {job.log}")
+    stopped = [s for s in shards if s.fault and states[s.shard_id] == "failed"]
+    if stopped:
+        lines.append("  shards stopped by an environment fault (their items are pending, not failed; "
+                     "`masklet resume OUT` runs them once it is fixed):")
+        lines.extend(f"    {s.fault}" for s in stopped)
     if total.errors:
         lines.append("  failed items:")
         for item_id, err in sorted(total.errors.items()):

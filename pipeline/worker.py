@@ -3,8 +3,11 @@
 It reads the frozen plan from disk, skips items already committed, builds the model once (only if there
 is work), and for each item composes the stages decode -> prompt -> propagate -> write, then commits the
 item's rows last. A long video is checkpointed while it is tracked (pipeline/store/partial.py), so an item
-interrupted by a kill or a requeue goes on from its last checkpoint. One bad item never fails the shard: it
-is retried `retries` times (from frame 0), then committed as a failed row with its error.
+interrupted by a kill or a requeue goes on from its last checkpoint. Failures are sorted by pipeline/faults.py:
+one bad item never fails the shard: it is retried `retries` times (from frame 0), then committed as a failed
+row with its error; an item out of memory is retried down the out-of-memory ladder (smaller object batches,
+then the state offloaded) before it is; a fault of the environment (GPU, output file system, model) stops the
+shard with the item uncommitted and its checkpoint kept, for `masklet resume`.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from pipeline import faults
 from pipeline.config import RunConfig
 from pipeline.device import WorkSizing, detect_device, size_for_device, size_item
 from pipeline.plan import RunPlan, config_fingerprint, load_run
@@ -28,7 +32,7 @@ from pipeline.records import FrameMasks, ItemResult, MediaItem
 from pipeline.stages.decode import display_path, open_frames, utf8_text
 from pipeline.stages.models import LoadedModel, load_model
 from pipeline.stages.prompt import make_generator, prompt_and_encode_keyframe
-from pipeline.stages.track import (MediaEnded, TrackerState, TrackOptions, Tracking, spare_core, track,
+from pipeline.stages.track import (MediaEnded, TrackerState, TrackOptions, Tracking, TrackStats, spare_core, track,
                                    write_behind)
 from pipeline.store import metadata
 from pipeline.store.commit import commit_item, compact_shard, committed_items
@@ -132,10 +136,12 @@ class _Timer:
         return value
 
 
-def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models) -> tuple[ItemResult, dict]:
+def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models,
+                 attempt: "_Attempt | None" = None) -> tuple[ItemResult, dict]:
     """Decode, prompt, propagate and write one item (going on from its checkpoint when it has one); returns
     its result and its three tables. Raises on any failure (the caller records it); masks are staged and only
-    published on success."""
+    published on success. `attempt`: the rung of the out-of-memory ladder to track at; what the tracker used
+    is left in it."""
     cfg = plan.config
     t_start = time.perf_counter()
     if item.error:
@@ -181,10 +187,13 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models) 
     t_prop = time.perf_counter()
     try:
         if prompts and cfg.propagate.enabled:
+            options = attempt.rung.apply(models.track_options()) if attempt else models.track_options()
             stream = track(model, itertools.chain([first], frames), num_frames, height, width, prompts,
                            source.source_frames, options,
                            resume=TrackerState.from_payload(resume.tracker) if resume else None,
                            keyframe=keyframe)
+            if attempt:
+                attempt.tracked, attempt.offloaded = stream.stats, options.offload_state
             keyframe = None  # tracking holds it until its first frame is done, then drops it
             checkpointed_rows = len(rows)
 
@@ -222,8 +231,12 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models) 
             real_frames = 1
         writer.finish(num_frames=real_frames, attributes={"source_frames": list(source.source_frames[:real_frames])})
         writer.publish()
-    except Exception:
-        # A failed attempt leaves nothing: a retry starts afresh (a bad checkpoint cannot fail it twice).
+    except Exception as e:
+        if partial is not None and faults.classify(e, plan.paths.root).kind == "environment":
+            # Not the item's fault: keep its checkpoint, so that `masklet resume` goes on from it.
+            raise
+        # A failed attempt leaves nothing: a retry starts afresh (a bad checkpoint cannot fail it twice; an
+        # out-of-memory rung needs frame 0, see pipeline/faults.py).
         writer.abort()
         if partial is not None:
             partial.discard()
@@ -341,7 +354,7 @@ def run_shard(run_dir: str, shard_id: int, redo_failed: bool = False,
         summary.skipped = len(shard.item_ids) - len(todo)
         models = Models(plan.config)
         if todo:
-            models.model  # load (and size to the device) before any item: a model error is not an item's
+            _load_model(plan, shard_id, models)  # before any item: a model error is not an item's
         for item_id in todo:
             item = plan.items[item_id]
             result, tables = _run_with_retries(plan, shard_id, item, models)
@@ -357,6 +370,17 @@ def run_shard(run_dir: str, shard_id: int, redo_failed: bool = False,
             if on_item:
                 on_item(result)
         compact_shard(plan.paths, shard_id)
+        faults.clear_shard_fault(plan.paths, shard_id)  # finished cleanly: an earlier fault is history
+    except Exception as e:  # noqa: BLE001 - an environment fault is recorded; anything else goes up as before
+        stop = faults.shard_stop(e, shard_id, plan.paths.root)
+        if stop is None:
+            raise
+        # INFO: the shard's log gets it; the terminal gets the CLI's one line (or, with -v, this too)
+        log.info("%s; `masklet resume %s` runs the shard again", stop, plan.paths.root)
+        faults.write_shard_fault(plan.paths, stop.fault)
+        if stop is e:
+            raise
+        raise stop from e
     finally:
         logging.getLogger("masklet").removeHandler(handler)
         handler.close()
@@ -364,21 +388,83 @@ def run_shard(run_dir: str, shard_id: int, redo_failed: bool = False,
     return summary
 
 
-def _run_with_retries(plan: RunPlan, shard_id: int, item: MediaItem, models: Models):
-    attempts = 1 + plan.config.retries
-    for attempt in range(1, attempts + 1):
+def _load_model(plan: RunPlan, shard_id: int, models: Models) -> None:
+    """Load the model (and size the work to the device); a failure is the shard's environment fault."""
+    try:
+        models.model
+    except Exception as e:  # noqa: BLE001 - whatever stops the model from loading stops every item alike
+        log.info("the model could not be loaded:\n%s", traceback.format_exc())
+        fault = faults.model_load_fault(e, plan.config.model.name)
+        raise faults.EnvironmentFault(faults.ShardFault.now(shard_id, fault, None)) from e
+
+
+@dataclass
+class _Attempt:
+    """One try of an item: its number over all tries, the out-of-memory ladder's rung it tracks at, and what
+    the tracker used (set by process_item when tracking starts; `tracked.object_batch` is the batch the engine
+    chose, 0 until it has)."""
+
+    number: int = 1
+    rung: faults.Rung = faults.Rung()
+    tracked: TrackStats | None = None
+    offloaded: bool = False
+
+    def after_oom(self, models: Models) -> "_Attempt | None":
+        """The next try down the ladder, or None when none is left (or it failed before tracking started,
+        where no rung changes what it holds)."""
+        if self.tracked is None:
+            return None
+        rung = faults.next_rung(self.rung, self.tracked.object_batch or None, self.offloaded,
+                                faults.can_offload(models.model.device))
+        return _Attempt(self.number + 1, rung) if rung else None
+
+    def used(self) -> faults.Rung:
+        """The rung as the tracker ran it (its object batch as the engine chose it)."""
+        batch = (self.tracked.object_batch if self.tracked else 0) or self.rung.object_batch
+        return faults.Rung(batch, self.offloaded)
+
+
+def _failed(plan: RunPlan, item: MediaItem, error: str, attempts: int) -> tuple[ItemResult, dict]:
+    failed = ItemResult(item_id=item.item_id, status="failed", error=utf8_text(error), attempts=attempts,
+                        stride=_stride(item, plan.config))
+    empty = {"masklets": metadata.empty(metadata.MASKLETS_SCHEMA), "frames": metadata.empty(metadata.FRAMES_SCHEMA)}
+    return failed, empty
+
+
+def _run_with_retries(plan: RunPlan, shard_id: int, item: MediaItem, models: Models) -> tuple[ItemResult, dict]:
+    """Process one item, sorting its failures (pipeline/faults.py): an item fault is retried `retries` times,
+    then becomes a failed row; out of memory goes down the ladder, then becomes a failed row saying the memory
+    it needed; an environment fault raises EnvironmentFault (the item stays uncommitted)."""
+    retries_left = plan.config.retries
+    attempt = _Attempt()
+    while True:
+        device = models.model.device
+        faults.reset_peak_memory(device)
         try:
-            result, tables = process_item(plan, shard_id, item, models)
-            return dataclasses.replace(result, attempts=attempt), tables
-        except Exception as e:  # noqa: BLE001 - any per-item failure becomes that item's row
-            error = utf8_text(f"{type(e).__name__}: {e}")  # Parquet strings must be UTF-8; paths may not be
-            log.warning("item %s attempt %d/%d failed: %s\n%s", item.item_id, attempt, attempts, error,
-                        traceback.format_exc())
-            deterministic = item.error is not None
-            if deterministic or attempt == attempts:
-                failed = ItemResult(item_id=item.item_id, status="failed", error=error, attempts=attempt,
-                                    stride=_stride(item, plan.config))
-                empty = {"masklets": metadata.empty(metadata.MASKLETS_SCHEMA),
-                         "frames": metadata.empty(metadata.FRAMES_SCHEMA)}
-                return failed, empty
-    raise AssertionError("unreachable")
+            result, tables = process_item(plan, shard_id, item, models, attempt)
+            return dataclasses.replace(result, attempts=attempt.number), tables
+        except Exception as e:  # noqa: BLE001 - sorted below; none escapes unrecorded
+            fault = faults.classify(e, plan.paths.root)
+            log.log(logging.INFO if fault.kind == "environment" else logging.WARNING,
+                    "item %s attempt %d (%s fault) failed: %s\n%s", item.item_id, attempt.number, fault.kind,
+                    fault.error, traceback.format_exc())
+            if fault.kind == "environment":
+                raise faults.EnvironmentFault(faults.ShardFault.now(shard_id, fault, item.item_id)) from e
+            if fault.kind == "oom":
+                sizing = getattr(models, "sizing", None)
+                need = faults.memory_need(e, device, sizing.memory_bytes if sizing else None)
+                following = attempt.after_oom(models)
+                if following is None:
+                    advice = faults.memory_advice(need, attempt.used())
+                    return _failed(plan, item, f"{fault.error}; {advice}", attempt.number)
+                log.warning("item %s: out of memory at %s; trying again from frame 0 at %s", item.item_id,
+                            attempt.used().describe(), following.rung.describe())
+            elif item.error is not None or retries_left == 0:
+                # as before: the outermost error, UTF-8 (Parquet strings must be; paths may not be)
+                return _failed(plan, item, f"{type(e).__name__}: {e}", attempt.number)
+            else:
+                retries_left -= 1
+                following = _Attempt(attempt.number + 1, attempt.rung)
+        # Out of the except block, so the failed try's traceback (and the tensors its frames hold) is gone.
+        faults.release_memory(device)
+        attempt = following

@@ -2,6 +2,9 @@
 
 Worker processes take shard ids from a shared queue (plain ints), call `run_shard(run_dir, shard_id)`,
 and see exactly one GPU each through CUDA_VISIBLE_DEVICES, set before torch is imported in the child.
+A shard stopped by an environment fault (pipeline/faults.py) stops what runs it: in this process the launch
+raises at once; a worker process takes no further shard (its GPU may be gone) and the launch raises
+EnvironmentFault once the others have finished.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import os
 import queue
 from typing import Sequence
 
+from pipeline.faults import EnvironmentFault, ShardFault
 from pipeline.worker import run_shard
 
 log = logging.getLogger("masklet.local")
@@ -38,6 +42,9 @@ def _gpu_worker(run_dir: str, gpu: str, redo_failed: bool, shard_queue, errors) 
             return
         try:
             run_shard(run_dir, shard_id, redo_failed=redo_failed)
+        except EnvironmentFault as e:
+            errors.put(e.fault)  # this GPU or the output is failing: take no further shard here
+            return
         except Exception as e:  # noqa: BLE001 - reported to the parent, which fails the run with it
             errors.put(f"shard {shard_id} on GPU {gpu}: {type(e).__name__}: {e}")
 
@@ -66,9 +73,13 @@ class LocalExecutor:
             p.start()
         for p in procs:
             p.join()
-        failures = []
+        failures, stopped = [], []
         while not errors.empty():
-            failures.append(errors.get())
+            error = errors.get()
+            (stopped if isinstance(error, ShardFault) else failures).append(error)
         dead = [p.exitcode for p in procs if p.exitcode]
         if failures or dead:
+            failures += [f.line for f in stopped]
             raise RuntimeError(f"local workers failed: {failures or dead}; rerun `masklet run` to resume")
+        if stopped:  # every fault is recorded under OUT/faults/ (`masklet status` lists them); report the first
+            raise EnvironmentFault(stopped[0])
