@@ -12,6 +12,10 @@ import yaml
 from pipeline.config import (ConfigError, config_from_dict, config_to_dict, load_config, merge_dicts, parse_overrides,
                              profile_path)
 
+# Exit status when a shard was refused because another live worker owns it (sysexits.h EX_TEMPFAIL): the
+# work is being done elsewhere; try again later.
+EX_TEMPFAIL = 75
+
 
 def _cmd_manifest_build(args) -> int:
     from pipeline.manifest import build_manifest, update_manifest
@@ -91,17 +95,21 @@ def _launch(plan, cfg, shard_ids: list[int], *, redo_failed: bool, wait: bool, c
     """Run or submit `shard_ids` of a prepared run with the executor of `cfg` (the settings of this launch:
     executor settings may differ from the run's first launch; what decides the masks may not)."""
     root = str(plan.paths.root)
-    busy = {}
+    busy, owner_ended = {}, None
     if plan.paths.slurm_jobs.exists():  # never start a shard twice: two workers on one item would collide
-        from pipeline.executors.slurm import active_tasks
+        from pipeline.executors.slurm import busy_shards, lease_owner_ended
 
-        busy = active_tasks(plan.paths)
-    skipped = sorted(s for s in shard_ids if s in busy)
+        busy, owner_ended = busy_shards(plan.paths, shard_ids), lease_owner_ended
+    skipped = sorted(s for s, (_, lease) in busy.items() if lease is None)
     todo = [s for s in shard_ids if s not in busy]
     if skipped:
-        tasks = sorted({busy[s].task_id for s in skipped})
+        tasks = sorted({busy[s][0].task_id for s in skipped})
         print(f"shards {skipped} are still queued or running as SLURM task(s) {tasks}: not started again "
               f"(`masklet cancel {root}` stops them)")
+    for s, (job, lease) in sorted(busy.items()):
+        if lease is not None:
+            print(f"shard {s}: SLURM cannot say whether task {job.task_id} runs ({job.state}), but its lease is held "
+                  f"by {lease.owner.describe()} (heartbeat {lease.age_s:.0f}s ago): not started again")
     if not todo:
         print(_status_text(root))
         return 0
@@ -109,9 +117,12 @@ def _launch(plan, cfg, shard_ids: list[int], *, redo_failed: bool, wait: bool, c
         from pipeline.executors.local import LocalExecutor
 
         with _ProgressBar(plan):
-            LocalExecutor(cfg.local.workers).launch(root, todo, redo_failed=redo_failed)
+            refusals = LocalExecutor(cfg.local.workers).launch(root, todo, redo_failed=redo_failed,
+                                                               owner_ended=owner_ended)
         print(_status_text(root))
-        return 0
+        for line in refusals:
+            print(f"masklet: refused: {line}", file=sys.stderr)
+        return EX_TEMPFAIL if refusals else 0
     from pipeline.executors.slurm import SlurmExecutor
     from pipeline.executors.slurm import wait as wait_for_jobs
 

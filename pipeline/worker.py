@@ -31,7 +31,9 @@ from pipeline.stages.prompt import make_generator, prompt_and_encode_keyframe
 from pipeline.stages.track import (MediaEnded, TrackerState, TrackOptions, Tracking, spare_core, track,
                                    write_behind)
 from pipeline.store import metadata
-from pipeline.store.commit import commit_item, compact_shard, committed_items
+from pipeline.store.commit import (CommitRefused, clear_staging, commit_item, compact_shard, committed_items,
+                                   release_staging)
+from pipeline.store.lease import OwnerEnded, SchedulerTask, acquire
 from pipeline.store.masks import MaskWriter
 from pipeline.store.partial import PartialItem
 
@@ -316,36 +318,51 @@ def _setup_shard_log(plan: RunPlan, shard_id: int) -> logging.Handler:
 
 
 def run_shard(run_dir: str, shard_id: int, redo_failed: bool = False,
-              on_item: Callable[[ItemResult], None] | None = None) -> ShardSummary:
+              on_item: Callable[[ItemResult], None] | None = None, task: SchedulerTask | None = None,
+              owner_ended: OwnerEnded | None = None) -> ShardSummary:
     """Process every uncommitted item of one shard (and, with redo_failed, those committed as failed), then
-    compact the shard's metadata. Safe to call again after any interruption."""
+    compact the shard's metadata. Safe to call again after any interruption.
+
+    The shard's lease is taken first (pipeline/store/lease.py): a shard another live worker owns raises
+    LeaseHeld before any work. `task` names the scheduler's task this runs in, `owner_ended` says whether
+    another task has ended (both from the executor that knows the scheduler). The owner then clears what
+    earlier workers of the shard left in tmp/."""
     t0 = time.perf_counter()
     plan = load_run(run_dir)
     shard = plan.shard(shard_id)
     handler = _setup_shard_log(plan, shard_id)
     summary = ShardSummary()
     try:
-        done = committed_items(plan.paths, shard_id)
-        todo = [i for i in shard.item_ids if not (done.get(i) == "done" or (i in done and not redo_failed))]
-        summary.skipped = len(shard.item_ids) - len(todo)
-        models = Models(plan.config)
-        if todo:
-            models.model  # load (and size to the device) before any item: a model error is not an item's
-        for item_id in todo:
-            item = plan.items[item_id]
-            result, tables = _run_with_retries(plan, shard_id, item, models)
-            row = _item_row(plan, shard_id, item, result, models)
-            tables["items"] = metadata.items_table([row])
-            commit_item(plan.paths, shard_id, item_id, tables)  # last: the item now exists for readers
-            if result.status == "done":
-                summary.done += 1
-                summary.frames += result.num_frames
-            else:
-                summary.failed += 1
-                summary.errors[item_id] = result.error or ""
-            if on_item:
-                on_item(result)
-        compact_shard(plan.paths, shard_id)
+        with acquire(plan.paths, shard_id, task=task, owner_ended=owner_ended) as lease:
+            done = committed_items(plan.paths, shard_id)
+            for leftover in clear_staging(plan.paths, shard_id, shard.item_ids, done, lease):
+                log.info("shard %d: removed %s, left by an earlier worker", shard_id, leftover)
+            todo = [i for i in shard.item_ids if not (done.get(i) == "done" or (i in done and not redo_failed))]
+            summary.skipped = len(shard.item_ids) - len(todo)
+            models = Models(plan.config)
+            if todo:
+                models.model  # load (and size to the device) before any item: a model error is not an item's
+            for item_id in todo:
+                item = plan.items[item_id]
+                result, tables = _run_with_retries(plan, shard_id, item, models)
+                row = _item_row(plan, shard_id, item, result, models)
+                tables["items"] = metadata.items_table([row])
+                try:
+                    commit_item(plan.paths, shard_id, item_id, tables, lease)  # last: the item now exists for readers
+                except CommitRefused as e:
+                    log.warning("%s", e)
+                    summary.skipped += 1
+                    continue
+                if result.status == "done":
+                    summary.done += 1
+                    summary.frames += result.num_frames
+                else:
+                    summary.failed += 1
+                    summary.errors[item_id] = result.error or ""
+                if on_item:
+                    on_item(result)
+            compact_shard(plan.paths, shard_id, lease)
+            release_staging(plan.paths, shard_id, shard.item_ids)
     finally:
         logging.getLogger("masklet").removeHandler(handler)
         handler.close()

@@ -107,9 +107,10 @@ def clear_staging(paths: RunPaths, shard_id: int, item_ids: Iterable[str], commi
     return removed
 
 
-def release_staging(paths: RunPaths, shard_id: int) -> None:
-    """Remove the shard's (by now empty) staging folder when its owner is done with it."""
-    shutil.rmtree(paths.shard_tmp(shard_id), ignore_errors=True)
+def release_staging(paths: RunPaths, shard_id: int, item_ids: Iterable[str]) -> None:
+    """Remove the shard's and its items' (by now empty) staging folders when its owner is done with them."""
+    for folder in (paths.shard_tmp(shard_id), *(paths.item_tmp(i) for i in item_ids)):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _shard_layout(paths: RunPaths, shard_id: int) -> tuple[Path | None, list[Path], dict[str, Path]]:
