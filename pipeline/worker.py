@@ -353,6 +353,7 @@ def run_shard(run_dir: str, shard_id: int, redo_failed: bool = False,
                     log.warning("%s", e)
                     summary.skipped += 1
                     continue
+                log.info("item %s committed (%s)", item_id, result.status)
                 if result.status == "done":
                     summary.done += 1
                     summary.frames += result.num_frames
