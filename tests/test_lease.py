@@ -16,7 +16,9 @@ import pytest
 
 from pipeline.cli import EX_TEMPFAIL, main
 from pipeline.paths import RunPaths
+from pipeline.plan import load_run
 from pipeline.samples import make_frame_folder, make_image, make_video
+from pipeline.status import shard_status
 from pipeline.store import atomic, lease
 from pipeline.store.commit import clear_staging
 from pipeline.store.lease import LeaseHeld, LeaseLost, LeaseOwner, SchedulerTask, acquire, read_lease
@@ -188,7 +190,37 @@ def _run_cmd(manifest, out, demo_config, overrides):
             "--config", demo_config, *overrides, "prompt.max_objects=2", "plan.max_items_per_shard=2"]
 
 
-@pytest.mark.timeout(600)
+def test_a_run_refuses_the_shard_a_live_worker_owns_and_exits_75(tmp_path, demo_config, fast_overrides, capsys):
+    """The fast representative of the test below: one shard's lease held by another live process."""
+    media = tmp_path / "media"
+    for i in range(2):
+        make_image(media / f"im{i}.png", width=64, height=48, seed=30 + i)
+    make_frame_folder(media / "f", frames=2, width=64, height=48, ext="png", seed=32)
+    manifest = tmp_path / "m.parquet"
+    assert main(["manifest", "build", str(media), "-o", str(manifest)]) == 0
+    out = tmp_path / "out"
+    paths = RunPaths.of(out).ensure()
+    args = _run_cmd(manifest, out, demo_config, fast_overrides)[3:]
+    proc = _holder(paths, 0)
+    try:
+        capsys.readouterr()
+        assert main(args) == EX_TEMPFAIL
+        err = capsys.readouterr().err
+        assert f"masklet: refused: shard 0 is already owned by pid {proc.pid}" in err
+        plan = load_run(out)
+        assert [shard_status(plan, s.shard_id).pending for s in plan.shards] == [len(plan.shards[0].item_ids), 0]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert main(args) == 0  # the holder is dead: its lease is broken at once
+    assert all(shard_status(plan, s.shard_id).pending == 0 for s in plan.shards)
+    logs = "".join(p.read_text() for p in paths.logs.glob("*.log"))
+    assert sorted(line.split()[-3] for line in logs.splitlines() if "committed (done)" in line) == \
+        ["f", "im0.png", "im1.png"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_two_runs_on_one_out_at_once_process_every_item_once(tmp_path, small_manifest, demo_config, fast_overrides):
     reference = tmp_path / "reference"
     subprocess.run(_run_cmd(small_manifest, reference, demo_config, fast_overrides), check=True, env=ENV,
