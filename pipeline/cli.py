@@ -161,9 +161,19 @@ def _cmd_run(args) -> int:
         print("WARNING: model.random_weights=true: the real SAM 2 architecture with random weights. "
               "Its masks test the plumbing and are NOT segmentation results.", file=sys.stderr)
     pending = [s.shard_id for s in plan.shards if shard_status(plan, s.shard_id).pending]
+    untidy = _untidy(plan, pending)
     print(f"run {plan.paths.root}: {len(plan.items)} items in {len(plan.shards)} shards, "
-          f"{len(pending)} shards with pending items")
-    return _launch(plan, cfg, pending, redo_failed=False, wait=args.wait, command="run")
+          f"{len(pending)} shards with pending items" + (f", {len(untidy)} to tidy after a kill" if untidy else ""))
+    return _launch(plan, cfg, sorted(pending + untidy), redo_failed=False, wait=args.wait, command="run")
+
+
+def _untidy(plan, launched: list[int]) -> list[int]:
+    """Shards not otherwise launched that a killed owner left untidy (lease, staging, uncompacted items):
+    running them processes nothing, it only clears and compacts."""
+    from pipeline.store.commit import needs_tidy
+
+    return [s.shard_id for s in plan.shards
+            if s.shard_id not in launched and needs_tidy(plan.paths, s.shard_id, s.item_ids)]
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -224,12 +234,17 @@ def _cmd_resume(args) -> int:
     todo = [s.shard_id for s in shards if s.pending or (args.retry_failed and s.failed)]
     pending = sum(s.pending for s in shards)
     failed = sum(s.failed for s in shards)
+    untidy = _untidy(plan, todo)
+    if untidy:
+        print(f"resume {plan.paths.root}: {len(untidy)} finished shard(s) to tidy after a kill")
+        todo = sorted(todo + untidy)
     if not todo:
         hint = f" ({failed} failed: --retry-failed runs them again)" if failed else ""
         print(f"nothing to resume in {plan.paths.root}: every item is committed{hint}")
         return 0
     what = f"{pending} pending item(s)" + (f" and {failed} failed item(s)" if args.retry_failed and failed else "")
-    print(f"resume {plan.paths.root}: {what} in {len(todo)} shard(s)")
+    if pending or (args.retry_failed and failed):
+        print(f"resume {plan.paths.root}: {what} in {len(todo)} shard(s)")
     return _launch(plan, cfg, todo, redo_failed=args.retry_failed, wait=args.wait, command="resume")
 
 

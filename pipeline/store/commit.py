@@ -107,6 +107,15 @@ def clear_staging(paths: RunPaths, shard_id: int, item_ids: Iterable[str], commi
     return removed
 
 
+def needs_tidy(paths: RunPaths, shard_id: int, item_ids: Iterable[str]) -> bool:
+    """Whether a shard whose items are all committed still holds what a killed owner left: its lease, staging
+    or trash, item folders not yet compacted. Running the shard again (nothing to process) tidies it."""
+    compacted, stale, items = _shard_layout(paths, shard_id)
+    leftovers = [paths.shard_lease(shard_id), paths.shard_tmp(shard_id), *(paths.item_tmp(i) for i in item_ids),
+                 *(paths.partial(i) for i in item_ids)]
+    return bool(stale or items) or any(p.exists() for p in leftovers)
+
+
 def release_staging(paths: RunPaths, shard_id: int, item_ids: Iterable[str]) -> None:
     """Remove the shard's and its items' (by now empty) staging folders when its owner is done with them."""
     for folder in (paths.shard_tmp(shard_id), *(paths.item_tmp(i) for i in item_ids)):
