@@ -285,16 +285,19 @@ def task_output(paths: RunPaths, task_id: str) -> str:
 
 
 def shard_jobs(paths: RunPaths, states: dict[str, str] | None = None) -> dict[int, ShardJob]:
-    """For every shard ever submitted, the task of its latest submission and that task's state."""
+    """For every shard ever submitted, the task of its latest submission and that task's state; an earlier task
+    that is still queued or running wins over a later one that is not."""
     records = read_records(paths)
     if states is None:
         states = scheduler_states(r.job_id for r in records)
     out: dict[int, ShardJob] = {}
-    for rec in records:  # in submission order: a later submission of a shard replaces the earlier one
+    for rec in records:  # in submission order: a later submission of a shard replaces the earlier one...
         for task_id, shard_ids in rec.tasks.items():
             state = states.get(task_id, UNKNOWN)
             job = ShardJob(task_id, state, state in ACTIVE_STATES, str(task_log(paths, task_id)))
             for s in shard_ids:
+                if s in out and out[s].active and not job.active:
+                    continue  # ...unless the earlier one still runs it (the later one was refused its lease)
                 out[s] = job
     return out
 
