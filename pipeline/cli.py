@@ -173,7 +173,7 @@ def _untidy(plan, launched: list[int]) -> list[int]:
     from pipeline.store.commit import needs_tidy
 
     return [s.shard_id for s in plan.shards
-            if s.shard_id not in launched and needs_tidy(plan.paths, s.shard_id, s.item_ids)]
+            if s.shard_id not in launched and needs_tidy(plan.paths, s.shard_id)]
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

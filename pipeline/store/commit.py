@@ -107,13 +107,13 @@ def clear_staging(paths: RunPaths, shard_id: int, item_ids: Iterable[str], commi
     return removed
 
 
-def needs_tidy(paths: RunPaths, shard_id: int, item_ids: Iterable[str]) -> bool:
+def needs_tidy(paths: RunPaths, shard_id: int) -> bool:
     """Whether a shard whose items are all committed still holds what a killed owner left: its lease, staging
-    or trash, item folders not yet compacted. Running the shard again (nothing to process) tidies it."""
+    or trash, item folders not yet compacted. Running the shard again (nothing to process) tidies it. The
+    items' own staging is not looked at (a stat per item, at every launch): an owner killed while any of it
+    existed also left its lease."""
     compacted, stale, items = _shard_layout(paths, shard_id)
-    leftovers = [paths.shard_lease(shard_id), paths.shard_tmp(shard_id), *(paths.item_tmp(i) for i in item_ids),
-                 *(paths.partial(i) for i in item_ids)]
-    return bool(stale or items) or any(p.exists() for p in leftovers)
+    return bool(stale or items) or paths.shard_lease(shard_id).exists() or paths.shard_tmp(shard_id).exists()
 
 
 def release_staging(paths: RunPaths, shard_id: int, item_ids: Iterable[str]) -> None:

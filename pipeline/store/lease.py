@@ -226,12 +226,15 @@ class ShardLease:
 
     def _beat(self, every: float) -> None:
         while not self._stop.wait(every):
-            lost = self._still_mine()
-            if lost is None:
-                try:
+            try:
+                lost = self._still_mine()
+                if lost is None:
                     os.utime(self.path)
-                except FileNotFoundError:
-                    lost = f"{self.path} was removed"
+            except FileNotFoundError:
+                lost = f"{self.path} was removed"
+            except OSError as e:  # a file server's hiccup: the next beat tries again; a commit checks anyway
+                log.warning("shard %d: could not renew the lease %s: %s", self.shard_id, self.path, e)
+                continue
             if lost:
                 self._lost = lost
                 log.error("shard %d: lease lost: %s; this worker commits nothing more to it", self.shard_id, lost)
