@@ -193,14 +193,13 @@ def _run_cmd(manifest, out, demo_config, overrides):
 def test_a_run_refuses_the_shard_a_live_worker_owns_and_exits_75(tmp_path, demo_config, fast_overrides, capsys):
     """The fast representative of the test below: one shard's lease held by another live process."""
     media = tmp_path / "media"
-    for i in range(2):
-        make_image(media / f"im{i}.png", width=64, height=48, seed=30 + i)
-    make_frame_folder(media / "f", frames=2, width=64, height=48, ext="png", seed=32)
+    for i in range(2):  # two images, one per shard (a folder of images alone would be one frame folder)
+        make_image(media / f"d{i}" / f"im{i}.png", width=64, height=48, seed=30 + i)
     manifest = tmp_path / "m.parquet"
     assert main(["manifest", "build", str(media), "-o", str(manifest)]) == 0
     out = tmp_path / "out"
     paths = RunPaths.of(out).ensure()
-    args = _run_cmd(manifest, out, demo_config, fast_overrides)[3:]
+    args = [*_run_cmd(manifest, out, demo_config, fast_overrides)[3:], "plan.max_items_per_shard=1"]
     proc = _holder(paths, 0)
     try:
         capsys.readouterr()
@@ -208,7 +207,7 @@ def test_a_run_refuses_the_shard_a_live_worker_owns_and_exits_75(tmp_path, demo_
         err = capsys.readouterr().err
         assert f"masklet: refused: shard 0 is already owned by pid {proc.pid}" in err
         plan = load_run(out)
-        assert [shard_status(plan, s.shard_id).pending for s in plan.shards] == [len(plan.shards[0].item_ids), 0]
+        assert [shard_status(plan, s.shard_id).pending for s in plan.shards] == [1, 0]
     finally:
         proc.kill()
         proc.wait()
@@ -216,7 +215,7 @@ def test_a_run_refuses_the_shard_a_live_worker_owns_and_exits_75(tmp_path, demo_
     assert all(shard_status(plan, s.shard_id).pending == 0 for s in plan.shards)
     logs = "".join(p.read_text() for p in paths.logs.glob("*.log"))
     assert sorted(line.split()[-3] for line in logs.splitlines() if "committed (done)" in line) == \
-        ["f", "im0.png", "im1.png"]
+        ["d0__im0.png", "d1__im1.png"]
 
 
 @pytest.mark.slow
