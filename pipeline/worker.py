@@ -332,39 +332,42 @@ def run_shard(run_dir: str, shard_id: int, redo_failed: bool = False,
     shard = plan.shard(shard_id)
     handler = _setup_shard_log(plan, shard_id)
     summary = ShardSummary()
+    lease = None
     try:
-        with acquire(plan.paths, shard_id, task=task, owner_ended=owner_ended) as lease:
-            done = committed_items(plan.paths, shard_id)
-            for leftover in clear_staging(plan.paths, shard_id, shard.item_ids, done, lease):
-                log.info("shard %d: removed %s, left by an earlier worker", shard_id, leftover)
-            todo = [i for i in shard.item_ids if not (done.get(i) == "done" or (i in done and not redo_failed))]
-            summary.skipped = len(shard.item_ids) - len(todo)
-            models = Models(plan.config)
-            if todo:
-                models.model  # load (and size to the device) before any item: a model error is not an item's
-            for item_id in todo:
-                item = plan.items[item_id]
-                result, tables = _run_with_retries(plan, shard_id, item, models)
-                row = _item_row(plan, shard_id, item, result, models)
-                tables["items"] = metadata.items_table([row])
-                try:
-                    commit_item(plan.paths, shard_id, item_id, tables, lease)  # last: the item now exists for readers
-                except CommitRefused as e:
-                    log.warning("%s", e)
-                    summary.skipped += 1
-                    continue
-                log.info("item %s committed (%s)", item_id, result.status)
-                if result.status == "done":
-                    summary.done += 1
-                    summary.frames += result.num_frames
-                else:
-                    summary.failed += 1
-                    summary.errors[item_id] = result.error or ""
-                if on_item:
-                    on_item(result)
-            compact_shard(plan.paths, shard_id, lease)
-            release_staging(plan.paths, shard_id, shard.item_ids)
+        lease = acquire(plan.paths, shard_id, task=task, owner_ended=owner_ended)  # before any work
+        done = committed_items(plan.paths, shard_id)
+        for leftover in clear_staging(plan.paths, shard_id, shard.item_ids, done, lease):
+            log.info("shard %d: removed %s, left by an earlier worker", shard_id, leftover)
+        todo = [i for i in shard.item_ids if not (done.get(i) == "done" or (i in done and not redo_failed))]
+        summary.skipped = len(shard.item_ids) - len(todo)
+        models = Models(plan.config)
+        if todo:
+            models.model  # load (and size to the device) before any item: a model error is not an item's
+        for item_id in todo:
+            item = plan.items[item_id]
+            result, tables = _run_with_retries(plan, shard_id, item, models)
+            row = _item_row(plan, shard_id, item, result, models)
+            tables["items"] = metadata.items_table([row])
+            try:
+                commit_item(plan.paths, shard_id, item_id, tables, lease)  # last: the item now exists for readers
+            except CommitRefused as e:
+                log.warning("%s", e)
+                summary.skipped += 1
+                continue
+            log.info("item %s committed (%s)", item_id, result.status)
+            if result.status == "done":
+                summary.done += 1
+                summary.frames += result.num_frames
+            else:
+                summary.failed += 1
+                summary.errors[item_id] = result.error or ""
+            if on_item:
+                on_item(result)
+        compact_shard(plan.paths, shard_id, lease)
+        release_staging(plan.paths, shard_id, shard.item_ids)
     finally:
+        if lease is not None:
+            lease.release()
         logging.getLogger("masklet").removeHandler(handler)
         handler.close()
     summary.seconds = time.perf_counter() - t0
