@@ -12,6 +12,10 @@ import yaml
 from pipeline.config import (ConfigError, config_from_dict, config_to_dict, load_config, merge_dicts, parse_overrides,
                              profile_path)
 
+# Exit status when a shard was refused because another live worker owns it (sysexits.h EX_TEMPFAIL): the
+# work is being done elsewhere; try again later.
+EX_TEMPFAIL = 75
+
 
 # Exit status of a run stopped by a fault of its environment (GPU, output file system, model; pipeline/faults.py):
 # nothing is wrong with the items, `masklet resume OUT` later goes on. 2 is a usage or input error.
@@ -96,17 +100,21 @@ def _launch(plan, cfg, shard_ids: list[int], *, redo_failed: bool, wait: bool, c
     """Run or submit `shard_ids` of a prepared run with the executor of `cfg` (the settings of this launch:
     executor settings may differ from the run's first launch; what decides the masks may not)."""
     root = str(plan.paths.root)
-    busy = {}
+    busy, owner_ended = {}, None
     if plan.paths.slurm_jobs.exists():  # never start a shard twice: two workers on one item would collide
-        from pipeline.executors.slurm import active_tasks
+        from pipeline.executors.slurm import busy_shards, lease_owner_ended
 
-        busy = active_tasks(plan.paths)
-    skipped = sorted(s for s in shard_ids if s in busy)
+        busy, owner_ended = busy_shards(plan.paths, shard_ids), lease_owner_ended
+    skipped = sorted(s for s, (_, lease) in busy.items() if lease is None)
     todo = [s for s in shard_ids if s not in busy]
     if skipped:
-        tasks = sorted({busy[s].task_id for s in skipped})
+        tasks = sorted({busy[s][0].task_id for s in skipped})
         print(f"shards {skipped} are still queued or running as SLURM task(s) {tasks}: not started again "
               f"(`masklet cancel {root}` stops them)")
+    for s, (job, lease) in sorted(busy.items()):
+        if lease is not None:
+            print(f"shard {s}: SLURM cannot say whether task {job.task_id} runs ({job.state}), but its lease is held "
+                  f"by {lease.owner.describe()} (heartbeat {lease.age_s:.0f}s ago): not started again")
     if not todo:
         print(_status_text(root))
         return 0
@@ -114,9 +122,12 @@ def _launch(plan, cfg, shard_ids: list[int], *, redo_failed: bool, wait: bool, c
         from pipeline.executors.local import LocalExecutor
 
         with _ProgressBar(plan):
-            LocalExecutor(cfg.local.workers).launch(root, todo, redo_failed=redo_failed)
+            refusals = LocalExecutor(cfg.local.workers).launch(root, todo, redo_failed=redo_failed,
+                                                               owner_ended=owner_ended)
         print(_status_text(root))
-        return 0
+        for line in refusals:
+            print(f"masklet: refused: {line}", file=sys.stderr)
+        return EX_TEMPFAIL if refusals else 0
     from pipeline.executors.slurm import SlurmExecutor
     from pipeline.executors.slurm import wait as wait_for_jobs
 
@@ -156,9 +167,19 @@ def _cmd_run(args) -> int:
         print("WARNING: model.random_weights=true: the real SAM 2 architecture with random weights. "
               "Its masks test the plumbing and are NOT segmentation results.", file=sys.stderr)
     pending = [s.shard_id for s in plan.shards if shard_status(plan, s.shard_id).pending]
+    untidy = _untidy(plan, pending)
     print(f"run {plan.paths.root}: {len(plan.items)} items in {len(plan.shards)} shards, "
-          f"{len(pending)} shards with pending items")
-    return _launch(plan, cfg, pending, redo_failed=False, wait=args.wait, command="run")
+          f"{len(pending)} shards with pending items" + (f", {len(untidy)} to tidy after a kill" if untidy else ""))
+    return _launch(plan, cfg, sorted(pending + untidy), redo_failed=False, wait=args.wait, command="run")
+
+
+def _untidy(plan, launched: list[int]) -> list[int]:
+    """Shards not otherwise launched that a killed owner left untidy (lease, staging, uncompacted items):
+    running them processes nothing, it only clears and compacts."""
+    from pipeline.store.commit import needs_tidy
+
+    return [s.shard_id for s in plan.shards
+            if s.shard_id not in launched and needs_tidy(plan.paths, s.shard_id)]
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -219,12 +240,17 @@ def _cmd_resume(args) -> int:
     todo = [s.shard_id for s in shards if s.pending or (args.retry_failed and s.failed)]
     pending = sum(s.pending for s in shards)
     failed = sum(s.failed for s in shards)
+    untidy = _untidy(plan, todo)
+    if untidy:
+        print(f"resume {plan.paths.root}: {len(untidy)} finished shard(s) to tidy after a kill")
+        todo = sorted(todo + untidy)
     if not todo:
         hint = f" ({failed} failed: --retry-failed runs them again)" if failed else ""
         print(f"nothing to resume in {plan.paths.root}: every item is committed{hint}")
         return 0
     what = f"{pending} pending item(s)" + (f" and {failed} failed item(s)" if args.retry_failed and failed else "")
-    print(f"resume {plan.paths.root}: {what} in {len(todo)} shard(s)")
+    if pending or (args.retry_failed and failed):
+        print(f"resume {plan.paths.root}: {what} in {len(todo)} shard(s)")
     return _launch(plan, cfg, todo, redo_failed=args.retry_failed, wait=args.wait, command="resume")
 
 

@@ -8,10 +8,13 @@
       masks/                        Zarr v3 group; masks/<item_id> is a bool array (objects, frames, H, W)
       meta/shard-00007/<item_id>/   one committed item: items.parquet, masklets.parquet, frames.parquet
       logs/shard-00007.log          one log per shard
-      tmp/                          staging area; anything here is uncommitted and may be deleted
-      tmp/partial/<item_id>/        a long item's checkpoint: masks and rows so far, tracker state
       faults/shard-00007.json       why shard 7 stopped on an environment fault (pipeline/faults.py); removed
                                     when the shard next finishes cleanly
+      leases/shard-00007.lease      the shard's owner while a worker runs it (pipeline/store/lease.py)
+      tmp/                          staging area; anything here is uncommitted
+      tmp/shards/shard-00007/       the shard's staged commits, compactions and trash (its owner clears it)
+      tmp/items/<item_id>/          one item's staged masks and trash (its shard's owner clears it)
+      tmp/partial/<item_id>/        a long item's checkpoint: masks and rows so far, tracker state (kept)
       slurm/jobs.jsonl              one line per SLURM submission: job id, array tasks and their shard ids
       slurm/<job>_<task>/           submitit's folder of one array task (pickles, stdout/stderr logs)
 """
@@ -87,9 +90,29 @@ class RunPaths:
     def tmp(self) -> Path:
         return self.root / "tmp"
 
+    def shard_tmp(self, shard_id: int) -> Path:
+        """Staging of one shard's commits and compactions, and its trash: only the shard's owner writes here."""
+        return self.tmp / "shards" / f"shard-{shard_id:05d}"
+
+    def item_tmp(self, item_id: str) -> Path:
+        """Staging of one item's masks, and its trash: only the owner of the item's shard writes here."""
+        return self.tmp / "items" / check_component(item_id)
+
+    @property
+    def partials(self) -> Path:
+        return self.tmp / "partial"
+
+    @property
+    def leases(self) -> Path:
+        return self.root / "leases"
+
+    def shard_lease(self, shard_id: int) -> Path:
+        """The lease naming the worker that owns a shard (pipeline/store/lease.py)."""
+        return self.leases / f"shard-{shard_id:05d}.lease"
+
     def partial(self, item_id: str) -> Path:
         """Where a long item's checkpoint lives until the item is committed (pipeline/store/partial.py)."""
-        return self.tmp / "partial" / check_component(item_id)
+        return self.partials / check_component(item_id)
 
     @property
     def faults(self) -> Path:
@@ -118,6 +141,6 @@ class RunPaths:
         return self.slurm / "%j"
 
     def ensure(self) -> "RunPaths":
-        for d in (self.root, self.masks, self.meta, self.logs, self.tmp):
+        for d in (self.root, self.masks, self.meta, self.logs, self.tmp, self.leases):
             d.mkdir(parents=True, exist_ok=True)
         return self

@@ -9,9 +9,7 @@ import hashlib
 import heapq
 import json
 import math
-import os
 import platform
-import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -20,6 +18,7 @@ from pipeline.config import PlanConfig, RunConfig, config_from_dict, config_to_d
 from pipeline.manifest import items_to_table, manifest_fingerprint, read_manifest, write_table_atomic
 from pipeline.paths import RunPaths, check_component
 from pipeline.records import MediaItem, Shard
+from pipeline.store.atomic import write_text_atomic
 
 PLAN_VERSION = 1
 
@@ -49,17 +48,6 @@ def make_plan(items: list[MediaItem], cfg: PlanConfig) -> list[Shard]:
         idx.sort()
         shards.append(Shard(s, tuple(items[i].item_id for i in idx), float(sum(items[i].cost for i in idx))))
     return [sh for sh in shards if sh.item_ids]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _versions() -> dict:
@@ -129,14 +117,14 @@ def prepare_run(out: str | Path, items: list[MediaItem], cfg: RunConfig) -> RunP
             # Only launch settings differ (device, threads, retries, executor, profile): jobs read them from
             # run.json, so this launch's settings must be the ones written there.
             snapshot = {**old, "config": config_to_dict(cfg), "relaunched_at": datetime.now(timezone.utc).isoformat()}
-            _atomic_write_text(paths.snapshot, json.dumps(snapshot, indent=1))
+            write_text_atomic(paths.snapshot, json.dumps(snapshot, indent=1))
             return load_run(out)
         return existing
     paths.ensure()
     shards = make_plan(items, cfg.plan)
     write_table_atomic(items_to_table(items), str(paths.manifest))
     plan = {"version": PLAN_VERSION, "shards": [dataclasses.asdict(s) for s in shards]}
-    _atomic_write_text(paths.plan, json.dumps(plan, indent=1))
+    write_text_atomic(paths.plan, json.dumps(plan, indent=1))
     snapshot = {
         "created_at": datetime.now(timezone.utc).isoformat(),
         "config": config_to_dict(cfg),
@@ -147,7 +135,7 @@ def prepare_run(out: str | Path, items: list[MediaItem], cfg: RunConfig) -> RunP
         "random_weights": cfg.model.random_weights,
         "versions": _versions(),
     }
-    _atomic_write_text(paths.snapshot, json.dumps(snapshot, indent=1))  # written last: marks the plan complete
+    write_text_atomic(paths.snapshot, json.dumps(snapshot, indent=1))  # written last: marks the plan complete
     return load_run(out)
 
 

@@ -35,7 +35,9 @@ from pipeline.stages.prompt import make_generator, prompt_and_encode_keyframe
 from pipeline.stages.track import (MediaEnded, TrackerState, TrackOptions, Tracking, TrackStats, spare_core, track,
                                    write_behind)
 from pipeline.store import metadata
-from pipeline.store.commit import commit_item, compact_shard, committed_items
+from pipeline.store.commit import (CommitRefused, clear_staging, commit_item, compact_shard, committed_items,
+                                   release_staging)
+from pipeline.store.lease import OwnerEnded, SchedulerTask, acquire
 from pipeline.store.masks import MaskWriter
 from pipeline.store.partial import PartialItem
 
@@ -340,16 +342,26 @@ def _setup_shard_log(plan: RunPlan, shard_id: int) -> logging.Handler:
 
 
 def run_shard(run_dir: str, shard_id: int, redo_failed: bool = False,
-              on_item: Callable[[ItemResult], None] | None = None) -> ShardSummary:
+              on_item: Callable[[ItemResult], None] | None = None, task: SchedulerTask | None = None,
+              owner_ended: OwnerEnded | None = None) -> ShardSummary:
     """Process every uncommitted item of one shard (and, with redo_failed, those committed as failed), then
-    compact the shard's metadata. Safe to call again after any interruption."""
+    compact the shard's metadata. Safe to call again after any interruption.
+
+    The shard's lease is taken first (pipeline/store/lease.py): a shard another live worker owns raises
+    LeaseHeld before any work. `task` names the scheduler's task this runs in, `owner_ended` says whether
+    another task has ended (both from the executor that knows the scheduler). The owner then clears what
+    earlier workers of the shard left in tmp/."""
     t0 = time.perf_counter()
     plan = load_run(run_dir)
     shard = plan.shard(shard_id)
     handler = _setup_shard_log(plan, shard_id)
     summary = ShardSummary()
+    lease = None
     try:
+        lease = acquire(plan.paths, shard_id, task=task, owner_ended=owner_ended)  # before any work
         done = committed_items(plan.paths, shard_id)
+        for leftover in clear_staging(plan.paths, shard_id, shard.item_ids, done, lease):
+            log.info("shard %d: removed %s, left by an earlier worker", shard_id, leftover)
         todo = [i for i in shard.item_ids if not (done.get(i) == "done" or (i in done and not redo_failed))]
         summary.skipped = len(shard.item_ids) - len(todo)
         models = Models(plan.config)
@@ -360,7 +372,13 @@ def run_shard(run_dir: str, shard_id: int, redo_failed: bool = False,
             result, tables = _run_with_retries(plan, shard_id, item, models)
             row = _item_row(plan, shard_id, item, result, models)
             tables["items"] = metadata.items_table([row])
-            commit_item(plan.paths, shard_id, item_id, tables)  # last: the item now exists for readers
+            try:
+                commit_item(plan.paths, shard_id, item_id, tables, lease)  # last: the item now exists for readers
+            except CommitRefused as e:
+                log.warning("%s", e)
+                summary.skipped += 1
+                continue
+            log.info("item %s committed (%s)", item_id, result.status)
             if result.status == "done":
                 summary.done += 1
                 summary.frames += result.num_frames
@@ -369,7 +387,8 @@ def run_shard(run_dir: str, shard_id: int, redo_failed: bool = False,
                 summary.errors[item_id] = result.error or ""
             if on_item:
                 on_item(result)
-        compact_shard(plan.paths, shard_id)
+        compact_shard(plan.paths, shard_id, lease)
+        release_staging(plan.paths, shard_id, shard.item_ids)
         faults.clear_shard_fault(plan.paths, shard_id)  # finished cleanly: an earlier fault is history
     except Exception as e:  # noqa: BLE001 - an environment fault is recorded; anything else goes up as before
         stop = faults.shard_stop(e, shard_id, plan.paths.root)
@@ -382,6 +401,8 @@ def run_shard(run_dir: str, shard_id: int, redo_failed: bool = False,
             raise
         raise stop from e
     finally:
+        if lease is not None:
+            lease.release()
         logging.getLogger("masklet").removeHandler(handler)
         handler.close()
     summary.seconds = time.perf_counter() - t0

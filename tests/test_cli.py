@@ -116,6 +116,22 @@ def test_run_never_starts_a_shard_that_slurm_still_runs(planned_run, demo_config
     assert open_run(planned_run.paths.root).items.num_rows == 0
 
 
+def test_a_task_slurm_cannot_place_counts_as_running_while_its_lease_is_fresh(planned_run, demo_config, fast_overrides,
+                                                                           capsys, monkeypatch):
+    from pipeline.store.lease import acquire
+
+    _record(planned_run, "8", {"8_0": (0,), "8_1": (1,)})
+    _fake_scheduler(monkeypatch, "")  # squeue and sacct know nothing: UNKNOWN
+    capsys.readouterr()
+    with acquire(planned_run.paths, 0), acquire(planned_run.paths, 1):
+        assert main(["run", "--manifest", str(planned_run.paths.manifest), "--out", str(planned_run.paths.root),
+                     "--config", demo_config, *fast_overrides, "plan.max_items_per_shard=1", "--executor", "local"]) == 0
+    out = capsys.readouterr().out
+    assert "shard 0: SLURM cannot say whether task 8_0 runs (UNKNOWN), but its lease is held by pid" in out
+    assert "shard 1: SLURM cannot say whether task 8_1 runs" in out
+    assert open_run(planned_run.paths.root).items.num_rows == 0
+
+
 def test_cancel_without_slurm_jobs(local_run, capsys):
     capsys.readouterr()
     assert main(["cancel", str(local_run)]) == 0

@@ -24,6 +24,10 @@ from tests.runcompare import assert_same_outputs
 TRIALS = int(os.environ.get("MASKLET_CRASH_TRIALS", "20"))
 
 
+def _logs(out: Path) -> str:
+    return "".join(p.read_text() for p in (out / "logs").glob("*.log")) if (out / "logs").exists() else ""
+
+
 def _run_cmd(manifest, out, demo_config, overrides):
     return [sys.executable, "-m", "pipeline.cli", "run", "--manifest", str(manifest), "--out", str(out),
             "--config", demo_config, *overrides]
@@ -48,7 +52,7 @@ def test_kill_minus_nine_at_random_instants_then_resume(tmp_path, demo_config, f
     duration = time.monotonic() - t0
 
     rng = random.Random(20261122)
-    survived, killed_mid_run, continued = 0, 0, 0
+    survived, killed_mid_run, continued, leftovers_cleared = 0, 0, 0, 0
     for trial in range(TRIALS):
         out = tmp_path / f"trial{trial:02d}"
         delay = rng.uniform(0.2, 0.9 * duration)
@@ -66,12 +70,17 @@ def test_kill_minus_nine_at_random_instants_then_resume(tmp_path, demo_config, f
                                  capture_output=True, text=True)
         assert resumed.returncode == 0, f"trial {trial} (kill at {delay:.2f}s): resume failed\n{resumed.stderr[-3000:]}"
         assert_same_outputs(reference, out)
+        # The resumed owners cleared what the killed one left: staged masks, commits, trash, its lease.
+        left = [p.relative_to(out) for p in (out / "tmp").rglob("*") if p.is_file()]
+        left += [p.relative_to(out) for p in (out / "leases").iterdir()]
+        assert not left, f"trial {trial} (kill at {delay:.2f}s): left behind {left}"
+        leftovers_cleared += "left by an earlier worker" in _logs(out)
         survived += 1
-        logs = "".join(p.read_text() for p in (out / "logs").glob("*.log")) if (out / "logs").exists() else ""
-        continued += "continuing from its checkpoint" in logs
+        continued += "continuing from its checkpoint" in _logs(out)
         shutil.rmtree(out)
     print(f"\ncrash trials: {survived}/{TRIALS} survived (killed mid-run: {killed_mid_run}, resumed inside the "
-          f"video from a checkpoint: {continued}), uninterrupted run {duration:.1f}s, items lost: 0")
+          f"video from a checkpoint: {continued}, leftovers of the killed worker cleared: {leftovers_cleared}), "
+          f"uninterrupted run {duration:.1f}s, items lost: 0, files left in tmp/: 0")
     assert survived == TRIALS
     # A machine busier during the reference run than later makes some kills land after the end: those
     # trials still check a clean rerun, but at least a quarter must interrupt real work.

@@ -128,7 +128,7 @@ def test_shard_task_runs_each_shard_in_order(monkeypatch):
 
     calls = []
 
-    def fake_run_shard(run_dir, shard_id, redo_failed=False):
+    def fake_run_shard(run_dir, shard_id, redo_failed=False, task=None, owner_ended=None):
         calls.append((run_dir, shard_id, redo_failed))
         return worker.ShardSummary(done=1, frames=shard_id)
 
@@ -136,6 +136,47 @@ def test_shard_task_runs_each_shard_in_order(monkeypatch):
     out = slurm.ShardTask("/runs/demo", (2, 0), redo_failed=True)()
     assert calls == [("/runs/demo", 2, True), ("/runs/demo", 0, True)]
     assert [(o["shard_id"], o["frames"]) for o in out] == [(2, 2), (0, 0)]
+
+
+def test_a_shard_task_runs_its_other_shards_then_exits_75_for_a_refused_one(monkeypatch, capsys):
+    import pipeline.worker as worker
+    from pipeline.store.lease import LeaseHeld
+
+    calls = []
+
+    def fake_run_shard(run_dir, shard_id, redo_failed=False, task=None, owner_ended=None):
+        calls.append((shard_id, task))
+        if shard_id == 2:
+            raise LeaseHeld("shard 2 is already owned by pid 1 on node9")
+        return worker.ShardSummary(done=1)
+
+    monkeypatch.setattr(worker, "run_shard", fake_run_shard)
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "40")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    with pytest.raises(SystemExit) as exit_:
+        slurm.ShardTask("/runs/demo", (2, 0))()
+    assert exit_.value.code == slurm.EX_TEMPFAIL == 75
+    assert [c[0] for c in calls] == [2, 0]
+    assert calls[0][1] == slurm.SchedulerTask("slurm", "40_3", "41", "40", "3", 2)
+    assert "masklet: refused: shard 2 is already owned by pid 1 on node9" in capsys.readouterr().out
+
+
+def test_lease_owner_ended_asks_slurm_or_knows_its_own_earlier_incarnation(monkeypatch):
+    from pipeline.store.lease import LeaseOwner
+
+    def owner(task_id, restarts=0):
+        return LeaseOwner(0, "t", "node9", None, 1, None, "2026-12-05T00:00:00+00:00",
+                          slurm.SchedulerTask("slurm", task_id, task_id, None, None, restarts))
+    monkeypatch.setattr(slurm, "scheduler_states", lambda ids: {"50": "CANCELLED", "51": "RUNNING"})
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert slurm.lease_owner_ended(owner("50")) and not slurm.lease_owner_ended(owner("51"))
+    assert not slurm.lease_owner_ended(owner("52")), "UNKNOWN is not ended"
+    monkeypatch.setenv("SLURM_JOB_ID", "51")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert slurm.lease_owner_ended(owner("51", restarts=0)), "SLURM requeued it and started this incarnation"
+    assert not slurm.lease_owner_ended(owner("51", restarts=1))
 
 
 # --- the jobs record -------------------------------------------------------------------------------------------
@@ -218,6 +259,14 @@ def test_latest_submission_of_a_shard_wins(tmp_path):
     assert (jobs[0].task_id, jobs[0].state, jobs[0].active) == ("20_0", "COMPLETED", False)
     assert (jobs[1].task_id, jobs[1].state, jobs[1].active) == ("31", "PENDING", True)
     assert jobs[1].log == str(paths.slurm / "31" / "31_0_log.err")
+
+
+def test_an_earlier_task_still_running_wins_over_a_later_refused_one(tmp_path):
+    paths = RunPaths.of(tmp_path)
+    for sub in (_submission("20", {"20": (0,)}), _submission("31", {"31": (0,)})):
+        slurm.append_record(paths.slurm_jobs, paths.slurm_jobs_lock, sub.to_json())
+    assert slurm.shard_jobs(paths, {"20": "RUNNING", "31": "FAILED"})[0].task_id == "20"
+    assert slurm.shard_jobs(paths, {"20": "COMPLETED", "31": "FAILED"})[0].task_id == "31"
 
 
 def test_cancel_scancels_only_jobs_with_active_tasks(tmp_path, monkeypatch):

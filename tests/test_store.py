@@ -8,7 +8,8 @@ from pipeline.config import StoreConfig
 from pipeline.paths import RunPaths
 from pipeline.records import FrameMasks
 from pipeline.store import metadata
-from pipeline.store.commit import commit_item, compact_shard, committed_items, read_table
+from pipeline.store.commit import CommitRefused, commit_item, compact_shard, committed_items, read_table
+from pipeline.store.lease import LeaseLost, acquire
 from pipeline.store.masks import MaskWriter, open_masks
 
 
@@ -34,35 +35,44 @@ def paths(tmp_path):
     return RunPaths.of(tmp_path / "run").ensure()
 
 
-def test_commit_then_compact_keeps_every_row_once(paths):
+@pytest.fixture
+def leases(paths):
+    """The leases of shards 0 and 1, held by this process (commits and compactions happen only under one)."""
+    held = {s: acquire(paths, s) for s in (0, 1)}
+    yield held
+    for lease in held.values():
+        lease.release()
+
+
+def test_commit_then_compact_keeps_every_row_once(paths, leases):
     for i in range(5):
-        commit_item(paths, 0, f"it{i}", _tables(f"it{i}"))
+        commit_item(paths, 0, f"it{i}", _tables(f"it{i}"), leases[0])
     assert _ids(paths) == [f"it{i}" for i in range(5)]
-    compact_shard(paths, 0)
+    compact_shard(paths, 0, leases[0])
     shard = paths.shard_meta(0)
     assert sorted(p.name for p in shard.iterdir()) == [".compacted-0001"], "three files per shard after compaction"
     assert _ids(paths) == [f"it{i}" for i in range(5)]
     assert len(_ids(paths, "frames")) == 10
 
 
-def test_redo_of_a_failed_item_overrides_the_compacted_row(paths):
-    commit_item(paths, 0, "a", _tables("a"))
-    commit_item(paths, 0, "b", _tables("b", status="failed"))
-    compact_shard(paths, 0)
+def test_redo_of_a_failed_item_overrides_the_compacted_row(paths, leases):
+    commit_item(paths, 0, "a", _tables("a"), leases[0])
+    commit_item(paths, 0, "b", _tables("b", status="failed"), leases[0])
+    compact_shard(paths, 0, leases[0])
     assert committed_items(paths, 0) == {"a": "done", "b": "failed"}
-    commit_item(paths, 0, "b", _tables("b"))
+    commit_item(paths, 0, "b", _tables("b"), leases[0])
     assert committed_items(paths, 0) == {"a": "done", "b": "done"}
     assert _ids(paths) == ["a", "b"]
-    compact_shard(paths, 0)
+    compact_shard(paths, 0, leases[0])
     assert committed_items(paths, 0) == {"a": "done", "b": "done"}
     assert [p.name for p in paths.shard_meta(0).iterdir()] == [".compacted-0002"]
 
 
-def test_states_a_kill_during_compaction_can_leave_show_no_duplicates(paths):
+def test_states_a_kill_during_compaction_can_leave_show_no_duplicates(paths, leases):
     for i in range(3):
-        commit_item(paths, 1, f"x{i}", _tables(f"x{i}"))
-    compact_shard(paths, 1)
-    commit_item(paths, 1, "x3", _tables("x3"))
+        commit_item(paths, 1, f"x{i}", _tables(f"x{i}"), leases[1])
+    compact_shard(paths, 1, leases[1])
+    commit_item(paths, 1, "x3", _tables("x3"), leases[1])
     # Simulate a kill right after the new version was renamed into place: old version and item folder remain.
     old = paths.shard_meta(1) / ".compacted-0001"
     keep = paths.tmp / "keep-old"
@@ -70,22 +80,46 @@ def test_states_a_kill_during_compaction_can_leave_show_no_duplicates(paths):
     item = paths.shard_meta(1) / "x3"
     keep_item = paths.tmp / "keep-x3"
     shutil.copytree(item, keep_item)
-    compact_shard(paths, 1)
+    compact_shard(paths, 1, leases[1])
     shutil.copytree(keep, old)
     shutil.copytree(keep_item, item)
     assert _ids(paths) == ["x0", "x1", "x2", "x3"]
-    compact_shard(paths, 1)  # the next compaction cleans the leftovers up
+    compact_shard(paths, 1, leases[1])  # the next compaction cleans the leftovers up
     assert [p.name for p in paths.shard_meta(1).iterdir()] == [".compacted-0003"]
     assert _ids(paths) == ["x0", "x1", "x2", "x3"]
 
 
-def test_staged_commit_is_invisible(paths):
-    commit_item(paths, 0, "a", _tables("a"))
-    (paths.tmp / "commit.b.deadbeef").mkdir()
+def test_staged_commit_is_invisible(paths, leases):
+    commit_item(paths, 0, "a", _tables("a"), leases[0])
+    (paths.shard_tmp(0) / "commit.b.deadbeef").mkdir(parents=True)
     assert _ids(paths) == ["a"]
 
 
-def test_mask_writer_streams_shrinks_and_publishes(paths):
+def test_a_failed_row_never_replaces_a_done_one(paths, leases):
+    commit_item(paths, 0, "a", _tables("a"), leases[0])
+    with pytest.raises(CommitRefused, match="committed as done"):
+        commit_item(paths, 0, "a", _tables("a", status="failed"), leases[0])
+    compact_shard(paths, 0, leases[0])
+    with pytest.raises(CommitRefused):
+        commit_item(paths, 0, "a", _tables("a", status="failed"), leases[0])
+    assert committed_items(paths, 0) == {"a": "done"}
+    assert not list(paths.shard_tmp(0).iterdir()), "the refused commit left nothing staged"
+
+
+def test_commits_and_compactions_need_the_lease_still_held(paths, leases):
+    commit_item(paths, 0, "a", _tables("a"), leases[0])
+    with pytest.raises(LeaseLost, match="shard 1"):
+        commit_item(paths, 0, "b", _tables("b"), leases[1])  # another shard's lease
+    paths.shard_lease(0).unlink()  # broken by another worker
+    with pytest.raises(LeaseLost, match="no longer owns"):
+        commit_item(paths, 0, "b", _tables("b"), leases[0])
+    with pytest.raises(LeaseLost):
+        compact_shard(paths, 0, leases[0])
+    assert committed_items(paths, 0) == {"a": "done"} and [p.name for p in paths.shard_meta(0).iterdir()] == ["a"]
+    assert not list(paths.shard_tmp(0).iterdir()), "nothing staged is left behind"
+
+
+def test_mask_writer_streams_shrinks_and_publishes(paths, leases):
     w = MaskWriter(paths, "clip", 2, 10, 6, 8, StoreConfig(frames_per_file=4), {"k": 1})
     rng = np.random.default_rng(0)
     written = []
@@ -104,11 +138,11 @@ def test_mask_writer_streams_shrinks_and_publishes(paths):
     assert arr.attrs["k"] == 1
 
 
-def test_mask_writer_abort_leaves_nothing(paths):
+def test_mask_writer_abort_leaves_nothing(paths, leases):
     w = MaskWriter(paths, "gone", 1, 3, 4, 4, StoreConfig(), {})
     w.write(FrameMasks(0, 0, (0,), np.ones((1, 4, 4), bool), np.zeros(1, np.float32)))
     w.abort()
-    assert not paths.mask_array("gone").exists() and not list(paths.tmp.glob("gone*"))
+    assert not paths.mask_array("gone").exists() and not list(paths.item_tmp("gone").iterdir())
 
 
 def test_mask_stats_match_a_direct_computation():

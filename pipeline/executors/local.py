@@ -4,7 +4,9 @@ Worker processes take shard ids from a shared queue (plain ints), call `run_shar
 and see exactly one GPU each through CUDA_VISIBLE_DEVICES, set before torch is imported in the child.
 A shard stopped by an environment fault (pipeline/faults.py) stops what runs it: in this process the launch
 raises at once; a worker process takes no further shard (its GPU may be gone) and the launch raises
-EnvironmentFault once the others have finished.
+EnvironmentFault once the others have finished. A shard another worker owns (its lease,
+pipeline/store/lease.py) is refused and reported, not failed: the other shards go on, and `launch` returns the
+refusals.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import queue
 from typing import Sequence
 
 from pipeline.faults import EnvironmentFault, ShardFault
+from pipeline.store.lease import LeaseHeld, OwnerEnded
 from pipeline.worker import run_shard
 
 log = logging.getLogger("masklet.local")
@@ -33,7 +36,8 @@ def visible_gpus() -> list[str]:
         return []
 
 
-def _gpu_worker(run_dir: str, gpu: str, redo_failed: bool, shard_queue, errors) -> None:
+def _gpu_worker(run_dir: str, gpu: str, redo_failed: bool, owner_ended: OwnerEnded | None, shard_queue, errors,
+                refused) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     while True:
         try:
@@ -41,7 +45,9 @@ def _gpu_worker(run_dir: str, gpu: str, redo_failed: bool, shard_queue, errors) 
         except queue.Empty:
             return
         try:
-            run_shard(run_dir, shard_id, redo_failed=redo_failed)
+            run_shard(run_dir, shard_id, redo_failed=redo_failed, owner_ended=owner_ended)
+        except LeaseHeld as e:
+            refused.put(str(e))
         except EnvironmentFault as e:
             errors.put(e.fault)  # this GPU or the output is failing: take no further shard here
             return
@@ -55,19 +61,27 @@ class LocalExecutor:
     def __init__(self, workers: int | None = None):
         self.workers = workers
 
-    def launch(self, run_dir: str, shard_ids: Sequence[int], redo_failed: bool = False) -> None:
+    def launch(self, run_dir: str, shard_ids: Sequence[int], redo_failed: bool = False,
+               owner_ended: OwnerEnded | None = None) -> list[str]:
+        """Run the shards; returns one line per shard refused because another worker owns it. `owner_ended`:
+        how to tell that another host's owner has ended (from the scheduler that ran it, if any)."""
         gpus = visible_gpus()
         n = self.workers if self.workers is not None else len(gpus)
+        refusals: list[str] = []
         if n <= 1 or not shard_ids:
             for shard_id in shard_ids:
-                run_shard(run_dir, shard_id, redo_failed=redo_failed)
-            return
+                try:
+                    run_shard(run_dir, shard_id, redo_failed=redo_failed, owner_ended=owner_ended)
+                except LeaseHeld as e:
+                    refusals.append(str(e))
+            return refusals
         ctx = mp.get_context("spawn")  # fresh interpreters: CUDA state never crosses a fork
-        shard_queue, errors = ctx.Queue(), ctx.Queue()
+        shard_queue, errors, refused = ctx.Queue(), ctx.Queue(), ctx.Queue()
         for s in shard_ids:
             shard_queue.put(s)
         slots = gpus if gpus else ["" for _ in range(n)]
-        procs = [ctx.Process(target=_gpu_worker, args=(run_dir, slots[i % len(slots)], redo_failed, shard_queue, errors))
+        procs = [ctx.Process(target=_gpu_worker, args=(run_dir, slots[i % len(slots)], redo_failed, owner_ended,
+                                                        shard_queue, errors, refused))
                  for i in range(n)]
         for p in procs:
             p.start()
@@ -83,3 +97,6 @@ class LocalExecutor:
             raise RuntimeError(f"local workers failed: {failures or dead}; rerun `masklet run` to resume")
         if stopped:  # every fault is recorded under OUT/faults/ (`masklet status` lists them); report the first
             raise EnvironmentFault(stopped[0])
+        while not refused.empty():
+            refusals.append(refused.get())
+        return refusals

@@ -11,6 +11,11 @@
   then calls `ShardTask.checkpoint()` (a resubmission with the same plain arguments: progress is on disk) and
   requeues the task, at most `slurm.max_requeues` times. A plain requeue or a node crash (`--requeue`)
   restarts the task from its arguments; `run_shard` skips what is committed.
+- One owner per shard (pipeline/store/lease.py): each task names itself in the shard's lease
+  (`current_task`) and tells a dead owner from a live one by asking SLURM (`lease_owner_ended`). A shard
+  whose lease another live task holds is refused: the task runs its other shards, then exits with
+  EX_TEMPFAIL (75). `busy_shards` counts a shard as running when SLURM answers UNKNOWN for its task
+  but its lease is held and fresh.
 - `scheduler_states`, `shard_jobs`, `cancel`, `wait` read the scheduler back: squeue for jobs the
   controller still holds, sacct (accounting) for older ones. The parsers are pure functions of their text.
 """
@@ -40,6 +45,9 @@ from submitit.slurm.slurm import _make_sbatch_string
 from pipeline.config import ConfigError, SlurmConfig
 from pipeline.paths import RunPaths
 from pipeline.status import UNKNOWN, SchedulerView, ShardJob
+from pipeline.store.lease import LeaseHeld, LeaseOwner, LeaseView, SchedulerTask, read_lease
+
+EX_TEMPFAIL = 75  # sysexits.h: a temporary failure, try again later (a shard owned by another live task)
 
 
 class SlurmError(RuntimeError):
@@ -60,10 +68,20 @@ class ShardTask(Checkpointable):
     def __call__(self) -> list[dict]:
         from pipeline.worker import run_shard  # the job imports torch and sam2; the submitter does not
 
-        summaries = []
+        summaries, refused = [], []
         for shard_id in self.shard_ids:
-            summary = run_shard(self.run_dir, shard_id, redo_failed=self.redo_failed)
+            try:
+                summary = run_shard(self.run_dir, shard_id, redo_failed=self.redo_failed, task=current_task(),
+                                    owner_ended=lease_owner_ended)
+            except LeaseHeld as e:
+                print(f"masklet: refused: {e}", flush=True)
+                refused.append(shard_id)
+                continue
             summaries.append({"shard_id": shard_id, **dataclasses.asdict(summary)})
+        if refused:
+            # Not an error of this task, and nothing for submitit to retry: the shards have a live owner.
+            print(f"masklet: shards {refused} are owned by other live workers; exiting with {EX_TEMPFAIL}", flush=True)
+            raise SystemExit(EX_TEMPFAIL)
         return summaries
 
     def checkpoint(self, *args, **kwargs) -> DelayedSubmission:
@@ -267,16 +285,19 @@ def task_output(paths: RunPaths, task_id: str) -> str:
 
 
 def shard_jobs(paths: RunPaths, states: dict[str, str] | None = None) -> dict[int, ShardJob]:
-    """For every shard ever submitted, the task of its latest submission and that task's state."""
+    """For every shard ever submitted, the task of its latest submission and that task's state; an earlier task
+    that is still queued or running wins over a later one that is not."""
     records = read_records(paths)
     if states is None:
         states = scheduler_states(r.job_id for r in records)
     out: dict[int, ShardJob] = {}
-    for rec in records:  # in submission order: a later submission of a shard replaces the earlier one
+    for rec in records:  # in submission order: a later submission of a shard replaces the earlier one...
         for task_id, shard_ids in rec.tasks.items():
             state = states.get(task_id, UNKNOWN)
             job = ShardJob(task_id, state, state in ACTIVE_STATES, str(task_log(paths, task_id)))
             for s in shard_ids:
+                if s in out and out[s].active and not job.active:
+                    continue  # ...unless the earlier one still runs it (the later one was refused its lease)
                 out[s] = job
     return out
 
@@ -304,6 +325,47 @@ def active_tasks(paths: RunPaths) -> dict[int, ShardJob]:
     if not paths.slurm_jobs.exists():
         return {}
     return {s: j for s, j in shard_jobs(paths).items() if j.active}
+
+
+def current_task() -> SchedulerTask | None:
+    """The SLURM task this process runs in (None outside SLURM), as a lease names its owner."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    task_id = f"{array_job}_{array_task}" if array_job and array_task else job
+    return SchedulerTask("slurm", task_id, job, array_job, array_task,
+                         int(os.environ.get("SLURM_RESTART_COUNT") or 0))
+
+
+def lease_owner_ended(owner: LeaseOwner) -> bool:
+    """Whether SLURM says the task named in a lease is over: an earlier incarnation of this very task (SLURM
+    requeued it and started us instead), or a task SLURM knows and no longer runs. UNKNOWN is not over."""
+    task = owner.task
+    if task is None or task.scheduler != "slurm":
+        return False
+    me = current_task()
+    if me is not None and me.task_id == task.task_id:
+        return me.restart_count > task.restart_count
+    state = scheduler_states([task.task_id]).get(task.task_id, UNKNOWN)
+    return state != UNKNOWN and state not in ACTIVE_STATES
+
+
+def busy_shards(paths: RunPaths, shard_ids: Iterable[int]) -> dict[int, tuple[ShardJob, LeaseView | None]]:
+    """Of these shards, those a launch must not start again: their latest task is queued or running, or SLURM
+    answers UNKNOWN for it (accounting down, controller restarted) while a fresh lease says a worker runs it.
+    With the lease view that decided it (None when the scheduler did)."""
+    jobs = shard_jobs(paths) if paths.slurm_jobs.exists() else {}
+    busy: dict[int, tuple[ShardJob, LeaseView | None]] = {}
+    for shard_id in shard_ids:
+        job = jobs.get(shard_id)
+        if job is None:
+            continue
+        if job.active:
+            busy[shard_id] = (job, None)
+        elif job.state == UNKNOWN and (view := read_lease(paths, shard_id)) is not None and view.fresh():
+            busy[shard_id] = (job, view)
+    return busy
 
 
 def cancel(paths: RunPaths) -> list[str]:

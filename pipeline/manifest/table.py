@@ -5,6 +5,7 @@ import hashlib
 import os
 import warnings
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -12,6 +13,7 @@ import pyarrow.parquet as pq
 
 from pipeline.records import MediaItem, MediaKind
 from pipeline.stages.decode import display_path, utf8_text
+from pipeline.store.atomic import publish
 
 MEDIA_KINDS: tuple[MediaKind, ...] = ("video", "frames", "image")
 
@@ -91,7 +93,7 @@ def write_table_atomic(table: pa.Table, out_path: str) -> None:
     tmp = os.path.join(parent, f".{os.path.basename(out_path)}.{os.getpid()}.tmp")
     try:
         pq.write_table(table, tmp)
-        os.replace(tmp, out_path)
+        publish(Path(tmp), Path(out_path))  # fsynced before the rename: a node crash cannot leave half a file
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -9,32 +9,46 @@ files) and then removed, so a shard holds three Parquet files however many items
 shard as: the newest compacted folder, overridden per item by any item folder (an item folder is either
 not yet merged, or a later redo of an item that had failed). Item ids never start with '.', so the names
 cannot collide. Every step is a rename; at no instant can a reader see an item twice or lose one.
+
+Both happen only under the shard's lease (pipeline/store/lease.py), checked just before the rename that
+publishes; a done row is never replaced by a failed one. Staging and trash live in the shard's own
+tmp/shards/shard-NNNNN/, which its next owner clears (`clear_staging`); the staged files are fsynced
+before the rename (pipeline/store/atomic.py), so a node crash cannot publish a name without its data.
 """
 from __future__ import annotations
 
 import shutil
 import uuid
 from pathlib import Path
+from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.paths import RunPaths
+from pipeline.store.atomic import publish
+from pipeline.store.lease import ShardLease
 
 TABLES = ("items", "masklets", "frames")
 _COMPACTED = ".compacted-"
 
 
-def _discard(paths: RunPaths, path: Path) -> None:
-    """Move a folder out of the store in one rename, then delete it at leisure."""
-    trash = paths.tmp / f"trash.{path.name.lstrip('.')}.{uuid.uuid4().hex[:8]}"
+class CommitRefused(RuntimeError):
+    """A commit that would lose work (a failed row over a done one); the message says which."""
+
+
+def _discard(paths: RunPaths, shard_id: int, path: Path) -> None:
+    """Move a folder out of the store in one rename, then delete it at leisure (the shard's next owner
+    finishes the deletion if this one is killed meanwhile)."""
+    trash = paths.shard_tmp(shard_id) / f"trash.{path.name.lstrip('.')}.{uuid.uuid4().hex[:8]}"
+    trash.parent.mkdir(parents=True, exist_ok=True)
     path.rename(trash)
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _stage_tables(paths: RunPaths, tag: str, tables: dict[str, pa.Table]) -> Path:
-    stage = paths.tmp / f"commit.{tag}.{uuid.uuid4().hex[:8]}"
+def _stage_tables(paths: RunPaths, shard_id: int, tag: str, tables: dict[str, pa.Table]) -> Path:
+    stage = paths.shard_tmp(shard_id) / f"commit.{tag}.{uuid.uuid4().hex[:8]}"
     stage.mkdir(parents=True)
     try:
         for name in TABLES:
@@ -45,18 +59,67 @@ def _stage_tables(paths: RunPaths, tag: str, tables: dict[str, pa.Table]) -> Pat
     return stage
 
 
-def commit_item(paths: RunPaths, shard_id: int, item_id: str, tables: dict[str, pa.Table]) -> Path:
-    stage = _stage_tables(paths, item_id, tables)
+def commit_item(paths: RunPaths, shard_id: int, item_id: str, tables: dict[str, pa.Table],
+                lease: ShardLease) -> Path:
+    """Publish one item's rows, under the shard's lease. A failed row never replaces a done one
+    (CommitRefused); a done or failed row replaces a failed one (a redo)."""
+    statuses = set(tables["items"]["status"].to_pylist())
+    if statuses != {"done"} and committed_items(paths, shard_id).get(item_id) == "done":
+        raise CommitRefused(f"item {item_id} of shard {shard_id} is committed as done; a {'/'.join(sorted(statuses))} "
+                            f"row does not replace it (two workers ran the shard?)")
+    stage = _stage_tables(paths, shard_id, item_id, tables)
     try:
         final = paths.item_commit(shard_id, item_id)
         final.parent.mkdir(parents=True, exist_ok=True)
+        lease.check(shard_id)
         if final.exists():  # a redo of a failed item that was never compacted: the old row goes first
-            _discard(paths, final)
-        stage.rename(final)
-        return final
+            _discard(paths, shard_id, final)
+        return publish(stage, final)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def clear_staging(paths: RunPaths, shard_id: int, item_ids: Iterable[str], committed: dict[str, str],
+                  lease: ShardLease) -> list[Path]:
+    """What the shard's owner does first: remove the staging and trash that earlier workers of this shard left
+    (killed, requeued), and the checkpoints of items committed since. Checkpoints of uncommitted items stay
+    (tmp/partial/<item_id>/: the item goes on from them), less their half-written temporary files. Returns
+    what was removed."""
+    lease.check(shard_id)
+    removed = []
+    leftovers = [paths.shard_tmp(shard_id)]
+    for item_id in item_ids:
+        leftovers.append(paths.item_tmp(item_id))
+        partial = paths.partial(item_id)
+        if committed.get(item_id) == "done":
+            leftovers.append(partial)
+        elif partial.is_dir():
+            leftovers.extend(p for p in partial.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp"))
+    for p in leftovers:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists():
+            p.unlink(missing_ok=True)
+        else:
+            continue
+        removed.append(p)
+    return removed
+
+
+def needs_tidy(paths: RunPaths, shard_id: int) -> bool:
+    """Whether a shard whose items are all committed still holds what a killed owner left: its lease, staging
+    or trash, item folders not yet compacted. Running the shard again (nothing to process) tidies it. The
+    items' own staging is not looked at (a stat per item, at every launch): an owner killed while any of it
+    existed also left its lease."""
+    compacted, stale, items = _shard_layout(paths, shard_id)
+    return bool(stale or items) or paths.shard_lease(shard_id).exists() or paths.shard_tmp(shard_id).exists()
+
+
+def release_staging(paths: RunPaths, shard_id: int, item_ids: Iterable[str]) -> None:
+    """Remove the shard's and its items' (by now empty) staging folders when its owner is done with them."""
+    for folder in (paths.shard_tmp(shard_id), *(paths.item_tmp(i) for i in item_ids)):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _shard_layout(paths: RunPaths, shard_id: int) -> tuple[Path | None, list[Path], dict[str, Path]]:
@@ -100,24 +163,31 @@ def committed_items(paths: RunPaths, shard_id: int) -> dict[str, str]:
     return dict(zip(t["item_id"].to_pylist(), t["status"].to_pylist()))
 
 
-def compact_shard(paths: RunPaths, shard_id: int) -> Path | None:
-    """Merge a shard's item folders into one new compacted folder, then remove what it replaced."""
+def compact_shard(paths: RunPaths, shard_id: int, lease: ShardLease) -> Path | None:
+    """Merge a shard's item folders into one new compacted folder, then remove what it replaced; under the
+    shard's lease (two compactions would otherwise race for one version's name)."""
     from pipeline.store import metadata
 
     schemas = {"items": metadata.ITEMS_SCHEMA, "masklets": metadata.MASKLETS_SCHEMA, "frames": metadata.FRAMES_SCHEMA}
+    lease.check(shard_id)
     compacted, stale, items = _shard_layout(paths, shard_id)
     for old in stale:  # left by a kill between placing a new version and removing the old one
-        _discard(paths, old)
+        _discard(paths, shard_id, old)
     if not items:
         return compacted
     tables = {name: read_shard_table(paths, shard_id, name, schema) for name, schema in schemas.items()}
     version = int(compacted.name[len(_COMPACTED):]) + 1 if compacted is not None else 1
-    stage = _stage_tables(paths, f"shard-{shard_id}", tables)
+    stage = _stage_tables(paths, shard_id, "compacted", tables)
     final = paths.shard_meta(shard_id) / f"{_COMPACTED}{version:04d}"
-    stage.rename(final)
+    try:
+        lease.check(shard_id)
+        publish(stage, final)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
     # The new version now wins over the old one and equals every item folder: remove them.
     if compacted is not None:
-        _discard(paths, compacted)
+        _discard(paths, shard_id, compacted)
     for d in items.values():
-        _discard(paths, d)
+        _discard(paths, shard_id, d)
     return final

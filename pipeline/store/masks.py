@@ -5,8 +5,9 @@ others; chunks are packed by Zarr's sharding codec into one file per `frames_per
 so an item costs 1 + ceil(frames / frames_per_file) files. Blosc zstd with bit-shuffle: masks are mostly
 runs of equal bytes, and bit-shuffling packs 8 bool bytes into one before compressing.
 
-Arrays are written under the run's tmp/ and renamed into place when complete: a reader never sees half of
-one, and only items committed in the metadata are read at all.
+Arrays are written under the item's tmp/items/<item_id>/ and renamed into place when complete, fsynced
+first (pipeline/store/atomic.py): a reader never sees half of one, not even after a node crash, and only
+items committed in the metadata are read at all. The item's shard owner clears that folder when it starts.
 
 Memory: the writer holds at most `buffer_bytes` (MASK_BUFFER_BYTES, 512 MiB) of masks, in one buffer
 allocated once: frames are copied into it as they arrive and written when it is full or at a shard-file
@@ -29,6 +30,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from pipeline.config import StoreConfig
 from pipeline.paths import RunPaths
 from pipeline.records import FrameMasks
+from pipeline.store.atomic import fsync_dir, publish
 
 # Most bytes of masks a MaskWriter holds between writes (one frame is written as it comes when it is larger).
 MASK_BUFFER_BYTES = 512 * 1024**2
@@ -46,6 +48,7 @@ def _compressors(cfg: StoreConfig):
 def ensure_group(paths: RunPaths) -> None:
     if not (paths.masks / "zarr.json").exists():
         zarr.open_group(str(paths.masks), mode="a", attributes=MASKS_GROUP_ATTRS)
+        fsync_dir(paths.masks)
 
 
 class MaskWriter:
@@ -54,13 +57,14 @@ class MaskWriter:
     def __init__(self, paths: RunPaths, item_id: str, num_objects: int, num_frames: int, height: int,
                  width: int, cfg: StoreConfig, attributes: dict, stage: Path | None = None, resume_at: int = 0,
                  buffer_bytes: int = MASK_BUFFER_BYTES):
-        """`stage`: where to stage the array (default: a new name under tmp/). `resume_at`: go on writing an
-        array already staged there, whose frames before `resume_at` (a shard-file boundary) are final.
-        `buffer_bytes`: most bytes of masks held between writes (see the module's docstring)."""
+        """`stage`: where to stage the array (default: a new name under tmp/items/<item_id>/). `resume_at`: go
+        on writing an array already staged there, whose frames before `resume_at` (a shard-file boundary) are
+        final. `buffer_bytes`: most bytes of masks held between writes (see the module's docstring)."""
         self.paths = paths
         self.item_id = item_id
         self.shape = (num_objects, num_frames, height, width)
-        self.stage = stage or paths.tmp / f"{item_id}.{uuid.uuid4().hex[:8]}.zarr"
+        self.stage = stage or paths.item_tmp(item_id) / f"masks.{uuid.uuid4().hex[:8]}.zarr"
+        self.stage.parent.mkdir(parents=True, exist_ok=True)
         per_file = max(1, min(cfg.frames_per_file, num_frames))
         if resume_at:
             self.array = zarr.open_array(str(self.stage), mode="r+")
@@ -137,11 +141,11 @@ class MaskWriter:
         ensure_group(self.paths)
         final = self.paths.mask_array(self.item_id)
         if final.exists():
-            trash = self.paths.tmp / f"{final.name}.old.{uuid.uuid4().hex[:8]}"
+            trash = self.paths.item_tmp(self.item_id) / f"old.{uuid.uuid4().hex[:8]}"
+            trash.parent.mkdir(parents=True, exist_ok=True)
             final.rename(trash)
             shutil.rmtree(trash, ignore_errors=True)
-        self.stage.rename(final)
-        return final
+        return publish(self.stage, final)
 
     def abort(self) -> None:
         shutil.rmtree(self.stage, ignore_errors=True)

@@ -9,9 +9,9 @@ While an item is tracked, its folder tmp/partial/<item_id>/ holds:
     progress.json                the commit point: next_frame and the files above that belong to it
 
 A checkpoint is taken at a `store.frames_per_file` boundary, after the mask shard files up to it are
-written: the new rows and state files are written under new names, then progress.json is replaced in one
-rename, then files it no longer names are removed. A kill at any instant leaves either the old checkpoint
-or the new one whole; frames past `next_frame` are rewritten on resume (whole shard files). Nothing here
+written: the new rows and state files are written under new names, the mask files and these are fsynced,
+then progress.json is replaced in one rename (pipeline/store/atomic.py), then files it no longer names are
+removed. A kill, or a node crash, at any instant leaves either the old checkpoint or the new one whole; frames past `next_frame` are rewritten on resume (whole shard files). Nothing here
 is visible to readers: the item reaches the run only through the normal commit (masks published, rows
 committed), after which the folder is removed.
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ import torch
 
 from pipeline.paths import RunPaths
 from pipeline.records import Prompt
+from pipeline.store.atomic import fsync_tree, write_atomic
 from pipeline.store.metadata import FRAMES_SCHEMA
 
 log = logging.getLogger("masklet.partial")
@@ -81,22 +81,13 @@ def prompts_from_payload(d: dict) -> list[Prompt]:
     ]
 
 
-def _write_atomic(path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 class PartialItem:
     """The checkpoint folder of one item (see the module's docstring)."""
 
     def __init__(self, paths: RunPaths, item_id: str, key: dict):
         self.item_id = item_id
         self.dir = paths.partial(item_id)
+        self.trash = paths.item_tmp(item_id)
         self.key = {"version": PARTIAL_VERSION, **key}
         self._rows: list[str] = []
         self._rows_from = 0  # first frame of the rows not yet in a checkpoint
@@ -148,14 +139,15 @@ class PartialItem:
         prompts_file = self.dir / "prompts.pt"
         if not prompts_file.exists():
             payload = {"prompts": prompts_payload(prompts), "seconds_prompt": seconds_prompt}
-            _write_atomic(prompts_file, lambda p: torch.save(payload, p))
+            write_atomic(prompts_file, lambda p: torch.save(payload, p))
         rows_name = f"rows-{self._rows_from:08d}.parquet"
-        _write_atomic(self.dir / rows_name, lambda p: pq.write_table(rows, p))
+        write_atomic(self.dir / rows_name, lambda p: pq.write_table(rows, p))
         state_name = f"state-{next_frame:08d}.pt"
-        _write_atomic(self.dir / state_name, lambda p: torch.save(tracker, p))
+        write_atomic(self.dir / state_name, lambda p: torch.save(tracker, p))
+        fsync_tree(self.masks)  # the mask files this checkpoint vouches for are on disk before it is
         names = [*self._rows, rows_name]
         progress = {"key": self.key, "next_frame": next_frame, "rows": names, "state": state_name}
-        _write_atomic(self.progress, lambda p: p.write_text(json.dumps(progress)))  # the commit point
+        write_atomic(self.progress, lambda p: p.write_text(json.dumps(progress)))  # the commit point
         self._rows, self._rows_from = names, next_frame
         keep = {*names, state_name, "prompts.pt", "progress.json", "masks.zarr"}
         for p in self.dir.iterdir():
@@ -164,6 +156,7 @@ class PartialItem:
 
     def discard(self) -> None:
         if self.dir.exists():
-            trash = self.dir.with_name(f".trash.{self.dir.name}.{uuid.uuid4().hex[:8]}")
+            trash = self.trash / f"partial.{uuid.uuid4().hex[:8]}"  # the shard's next owner clears what is left
+            trash.parent.mkdir(parents=True, exist_ok=True)
             self.dir.rename(trash)
             shutil.rmtree(trash, ignore_errors=True)
