@@ -199,8 +199,11 @@ def _map_tensors(obj, fn):
 def oldest_memory_frame(model, frame: int) -> int:
     """The oldest earlier frame whose spatial memory (maskmem_features) tracking `frame` can read: frame - 1
     and every r-th frame before it for t_rel = 2 .. num_maskmem - 1 (sam2's
-    SAM2Base._prepare_memory_conditioned_features). Non-decreasing in `frame`."""
-    if model.num_maskmem == 0:  # no memory: sam2 skips the fusion altogether
+    SAM2Base._prepare_memory_conditioned_features); `frame` itself when it reads none. Non-decreasing in
+    `frame`. tests/test_sam2_internals.py checks it against sam2's own method."""
+    if model.num_maskmem <= 1:
+        # 0: no memory (sam2 skips the fusion altogether); 1: the one slot is the prompt frames' (t_pos 0), and
+        # sam2's loop over earlier frames, t_pos = 1 .. num_maskmem - 1, is empty
         return frame
     oldest = frame - 1
     if model.num_maskmem >= 3:
