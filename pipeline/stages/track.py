@@ -247,6 +247,11 @@ def resolve_autocast(mode: str, device: torch.device) -> str:
     return mode
 
 
+def resolve_tf32(requested: bool, device: torch.device) -> bool:
+    """Whether TF32 is on for a run with `propagate.tf32=requested`: on CUDA devices of compute capability >= 8."""
+    return bool(requested and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8)
+
+
 def spare_core(device: torch.device) -> bool:
     """Whether helper threads (decoding ahead, writing behind) can run beside the model without taking its
     cores: beside a GPU, or when torch's threads leave a CPU core free. Measured on a 2-core CPU with torch on
@@ -810,7 +815,7 @@ class Tracking(Iterator[FrameMasks]):
 
     def _generate(self, engine: _Engine, frames: Iterable[np.ndarray], options: TrackOptions):
         device = engine.device
-        if options.tf32 and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        if resolve_tf32(options.tf32, device):
             self._restore.append((_set_tf32, (torch.backends.cuda.matmul.allow_tf32,
                                               torch.backends.cudnn.allow_tf32)))
             _set_tf32((True, True))
