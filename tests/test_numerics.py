@@ -81,7 +81,8 @@ def _two_image_run(tmp_path, demo_config, fast_overrides, checkpoint):
     media.mkdir()
     images = [make_image(media / f"im{i}.png", 96, 72, seed=i) for i in range(2)]  # two items, not a frame folder
     assert main(["manifest", "build", *map(str, images), "-o", str(tmp_path / "m.parquet")]) == 0
-    cfg = load_config(demo_config, [*fast_overrides, f"model.checkpoint={checkpoint}", "plan.max_items_per_shard=1"])
+    cfg = load_config(demo_config, [*fast_overrides, f"model.checkpoint={checkpoint}", "plan.max_items_per_shard=1",
+                                          "prompt.points_per_side=4"])
     out = tmp_path / "run"
     plan = prepare_run(out, read_manifest(str(tmp_path / "m.parquet")), cfg)
     assert len(plan.shards) == 2
@@ -126,8 +127,6 @@ def test_relaunch_with_other_numerics_is_refused_unless_allowed(tmp_path, demo_c
     assert f"checkpoint_sha256: {first.checkpoint_sha256} -> {sha256_of(ckpt)}" in err
     assert "--allow-mixed-numerics" in err and "same device class" in err
     assert _items(plan.paths, 1) == []
-    with pytest.raises(NumericsMismatchError, match="checkpoint_sha256"):  # and by a worker started without the CLI
-        run_shard(str(out), 1)
 
     # allowed: recorded in run.json for good, shown by status, each row says its own numerics
     assert main(["resume", str(out), "--allow-mixed-numerics"]) == 0
