@@ -21,11 +21,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from pipeline.config import RunConfig
 from pipeline import numerics
+from pipeline.config import RunConfig
 from pipeline.device import WorkSizing, detect_device, size_for_device
-from pipeline.numerics import Numerics
-from pipeline.numerics import of_worker as numerics_of_worker
 from pipeline.plan import RunPlan, config_fingerprint, load_run
 from pipeline.records import FrameMasks, ItemResult, MediaItem
 from pipeline.stages.decode import display_path, open_frames, utf8_text
@@ -291,9 +289,9 @@ def _mark_random_weights(plan: RunPlan, model: LoadedModel) -> None:
     os.replace(tmp, mark)
 
 
-def worker_numerics(models: Models) -> Numerics:
+def worker_numerics(models: Models) -> numerics.Numerics:
     """The numerics of this worker's loaded model and track options (pipeline/numerics.py)."""
-    return numerics_of_worker(models.model, models.track_options())
+    return numerics.of_worker(models.model, models.track_options())
 
 
 def _item_row(plan: RunPlan, shard_id: int, item: MediaItem, result: ItemResult, models: Models | None) -> dict:

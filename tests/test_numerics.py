@@ -25,6 +25,7 @@ from pipeline.plan import prepare_run
 from pipeline.samples import make_image
 from pipeline.stages.models import random_checkpoint as make_random_checkpoint
 from pipeline.stages.models import sha256_of
+from pipeline.stages import sam2_pin
 from pipeline.stages.sam2_pin import installed_sam2_version
 from pipeline.store.commit import read_shard_table
 from pipeline.store.metadata import ITEMS_SCHEMA
@@ -94,7 +95,7 @@ def _items(paths: RunPaths, shard_id: int) -> list[dict]:
 
 
 def test_relaunch_with_other_numerics_is_refused_unless_allowed(tmp_path, demo_config, fast_overrides,
-                                                                random_checkpoint, capsys):
+                                                                random_checkpoint, capsys, monkeypatch):
     ckpt = tmp_path / "ckpt.pt"
     shutil.copy(random_checkpoint, ckpt)
     out, plan = _two_image_run(tmp_path, demo_config, fast_overrides, ckpt)
@@ -118,6 +119,14 @@ def test_relaunch_with_other_numerics_is_refused_unless_allowed(tmp_path, demo_c
         run_shard(str(out), 1)
     assert _items(plan.paths, 1) == []
     plan.paths.numerics.write_text(json.dumps(reference))
+
+    # Another sam2 (allowed to load by its override): refused at the CLI before launching
+    with monkeypatch.context() as m:
+        m.setattr(sam2_pin, "installed_sam2_version", lambda: "1.2.0")
+        m.setenv(sam2_pin.ALLOW_ENV, "1.2.0")
+        capsys.readouterr()
+        assert main(["resume", str(out)]) == 2
+        assert f"sam2: {first.sam2} -> 1.2.0" in capsys.readouterr().err
 
     # Other weights under the same path (the config is the same): refused at the CLI before launching
     _replace_checkpoint(ckpt)
