@@ -166,6 +166,7 @@ def _cmd_run(args) -> int:
     if plan.config.model.random_weights:
         print("WARNING: model.random_weights=true: the real SAM 2 architecture with random weights. "
               "Its masks test the plumbing and are NOT segmentation results.", file=sys.stderr)
+    check_launch_numerics(plan.paths, cfg, args.allow_mixed_numerics, "run")
     pending = [s.shard_id for s in plan.shards if shard_status(plan, s.shard_id).pending]
     untidy = _untidy(plan, pending)
     print(f"run {plan.paths.root}: {len(plan.items)} items in {len(plan.shards)} shards, "
@@ -236,6 +237,7 @@ def _cmd_resume(args) -> int:
             f"masklet run --manifest {plan.paths.manifest} --out NEW_OUT [--config ...] [overrides]")
     # Refuses a manifest copy or plan that no longer matches the run's fingerprints (edited by hand).
     plan = prepare_run(args.out, read_manifest(str(plan.paths.manifest)), cfg)
+    check_launch_numerics(plan.paths, cfg, args.allow_mixed_numerics, "resume")
     _, shards = run_status(args.out)
     todo = [s.shard_id for s in shards if s.pending or (args.retry_failed and s.failed)]
     pending = sum(s.pending for s in shards)
@@ -252,6 +254,17 @@ def _cmd_resume(args) -> int:
     if pending or (args.retry_failed and failed):
         print(f"resume {plan.paths.root}: {what} in {len(todo)} shard(s)")
     return _launch(plan, cfg, todo, redo_failed=args.retry_failed, wait=args.wait, command="resume")
+
+
+def check_launch_numerics(paths, cfg, allow_mixed: bool, command: str) -> None:
+    """Refuse a launch whose numerics differ from the run's (pipeline/numerics.py), before any work."""
+    from pipeline.numerics import check_launch
+
+    check_launch(paths, cfg, allow_mixed, command)
+    if allow_mixed:
+        print(f"WARNING: --allow-mixed-numerics: {paths.root} may now hold items computed with other numerics "
+              f"(device, dtype, versions); run.json records it and items.parquet says each item's",
+              file=sys.stderr)
 
 
 def _cmd_status(args) -> int:
@@ -310,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--profile", default=None,
                        help="cluster profile: a name under configs/clusters/ (a100, h100, mig-1g.10gb, ...) or a YAML")
         p.add_argument("--wait", action="store_true", help="with SLURM: wait for the jobs and print the status")
+        p.add_argument("--allow-mixed-numerics", action="store_true",
+                       help="let this run hold items computed with other numerics than its first ones (another "
+                            "device class, dtype, object batch, torch or sam2 version); recorded in run.json")
         p.add_argument("overrides", nargs="*", help="config overrides key.sub=value, e.g. slurm.time_min=60")
 
     run = sub.add_parser("run", help="plan and run a manifest into OUT (resumes if OUT exists)")
@@ -357,8 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     from pipeline.executors.slurm import SlurmError
     from pipeline.faults import EnvironmentFault
+    from pipeline.numerics import NumericsMismatchError
     from pipeline.plan import RunMismatchError
     from pipeline.stages.models import CheckpointError
+    from pipeline.stages.sam2_pin import Sam2VersionError
 
     try:
         return args.func(args)
@@ -366,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         # Not the items' fault: they stay pending. One line (the shard log has the traceback); exit 3.
         print(f"masklet: {e}; `masklet resume {getattr(args, 'out', 'OUT')}` once that is fixed", file=sys.stderr)
         return EXIT_ENVIRONMENT_FAULT
-    except (ConfigError, FileNotFoundError, ValueError, CheckpointError, RunMismatchError, SlurmError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, CheckpointError, RunMismatchError, SlurmError,
+            NumericsMismatchError, Sam2VersionError) as e:
         # Input problems: one clear line (the message says the fix); -v shows the traceback too.
         if args.verbose:
             raise

@@ -2,6 +2,7 @@
 
     OUT/
       run.json                      run snapshot: resolved config, versions, manifest fingerprint
+      numerics.json                 the run's reference numerics (device class, dtype, versions...), by its first commit
       random-weights.json           present when a worker loaded random weights (whatever the config said)
       manifest.parquet              the manifest rows this run was planned from (frozen copy)
       plan.json                     the frozen shards (ids never depend on how many workers run them)
@@ -48,6 +49,11 @@ class RunPaths:
     @property
     def snapshot(self) -> Path:
         return self.root / "run.json"
+
+    @property
+    def numerics(self) -> Path:
+        """The numerics of the run's first commit, which every later item must share (pipeline/numerics.py)."""
+        return self.root / "numerics.json"
 
     @property
     def random_weights_mark(self) -> Path:

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline.faults import read_shard_fault
+from pipeline.numerics import status_lines as numerics_status_lines
 from pipeline.plan import RunPlan, load_run
 from pipeline.store.commit import read_shard_table
 from pipeline.store.metadata import ITEMS_SCHEMA
@@ -148,6 +149,7 @@ def format_status(plan: RunPlan, shards: list[ShardStatus], scheduler: Scheduler
     lines = [f"run {plan.paths.root}"]
     if plan.random_weights:
         lines.append("  model: RANDOM WEIGHTS (plumbing check only: these masks are not results)")
+    lines.extend(numerics_status_lines(plan.paths, plan.snapshot))
     lines.append(f"  items: {total.done} done, {total.failed} failed, {total.pending} pending "
                  f"of {total.total}; frames done: {total.frames_done}")
     shown = SHARD_STATES + (("unknown",) if counts["unknown"] else ())

@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from pipeline import faults
+from pipeline import faults, numerics
 from pipeline.config import RunConfig
 from pipeline.device import WorkSizing, detect_device, size_for_device, size_item
 from pipeline.plan import RunPlan, config_fingerprint, load_run
@@ -160,7 +160,7 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models,
     if model.random_weights:
         _mark_random_weights(plan, model)
     num_frames = len(source) if cfg.propagate.enabled else 1
-    partial = _partial_item(plan, item, num_frames, height, width)
+    partial = _partial_item(plan, item, num_frames, height, width, worker_numerics(models).key())
     resume = partial.start() if partial else None
     if resume is None:
         t0 = time.perf_counter()
@@ -264,15 +264,17 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models,
     return result, {"masklets": masklets, "frames": frames_table}
 
 
-def _partial_item(plan: RunPlan, item: MediaItem, num_frames: int, height: int, width: int) -> PartialItem | None:
+def _partial_item(plan: RunPlan, item: MediaItem, num_frames: int, height: int, width: int,
+                  numerics_key: dict) -> PartialItem | None:
     """The item's checkpoint folder, where checkpoints can happen: tracking on, more than one shard file of
     frames, and store.checkpoint_seconds set."""
     cfg = plan.config
     if (not cfg.propagate.enabled or cfg.store.checkpoint_seconds is None
             or num_frames <= cfg.store.frames_per_file):
         return None
+    # numerics too: a checkpoint made on another device, dtype or version is never continued (pipeline/numerics.py)
     key = {"item_id": item.item_id, "num_frames": num_frames, "height": height, "width": width,
-           "stride": _stride(item, cfg), "config": config_fingerprint(cfg)}
+           "stride": _stride(item, cfg), "config": config_fingerprint(cfg), "numerics": numerics_key}
     return PartialItem(plan.paths, item.item_id, key)
 
 
@@ -312,9 +314,15 @@ def _mark_random_weights(plan: RunPlan, model: LoadedModel) -> None:
     os.replace(tmp, mark)
 
 
+def worker_numerics(models: Models) -> numerics.Numerics:
+    """The numerics of this worker's loaded model and track options (pipeline/numerics.py)."""
+    return numerics.of_worker(models.model, models.track_options())
+
+
 def _item_row(plan: RunPlan, shard_id: int, item: MediaItem, result: ItemResult, models: Models | None) -> dict:
     loaded = models._model if models else None
     cfg = plan.config
+    n = worker_numerics(models) if loaded else None
     return {
         "item_id": item.item_id, "path": display_path(item.path), "kind": item.kind, "shard_id": shard_id,
         "status": result.status, "error": result.error, "attempts": result.attempts,
@@ -325,6 +333,9 @@ def _item_row(plan: RunPlan, shard_id: int, item: MediaItem, result: ItemResult,
         "image_size": loaded.image_size if loaded else cfg.model.image_size,
         "checkpoint_sha256": loaded.checkpoint_sha256 if loaded else None,
         "random_weights": loaded.random_weights if loaded else cfg.model.random_weights, "device": str(loaded.device) if loaded else None,
+        "device_class": n and n.device_class, "device_name": n and n.device_name, "autocast": n and n.autocast,
+        "object_batch": n and n.object_batch, "tf32": n and n.tf32, "compile": n and n.compile,
+        "torch_version": n and n.torch, "sam2_version": n and n.sam2,
         "seconds_decode": result.seconds_decode, "seconds_prompt": result.seconds_prompt,
         "seconds_propagate": result.seconds_propagate, "seconds_write": result.seconds_write,
         "seconds_total": result.seconds_total, "finished_at": datetime.now(timezone.utc),
@@ -367,11 +378,13 @@ def run_shard(run_dir: str, shard_id: int, redo_failed: bool = False,
         models = Models(plan.config)
         if todo:
             _load_model(plan, shard_id, models)  # before any item: a model error is not an item's
+            numerics.check_worker(plan, worker_numerics(models))  # the run's numerics, or refuse before any item
         for item_id in todo:
             item = plan.items[item_id]
             result, tables = _run_with_retries(plan, shard_id, item, models)
             row = _item_row(plan, shard_id, item, result, models)
             tables["items"] = metadata.items_table([row])
+            numerics.claim_reference(plan, worker_numerics(models))  # the run's first commit fixes its numerics
             try:
                 commit_item(plan.paths, shard_id, item_id, tables, lease)  # last: the item now exists for readers
             except CommitRefused as e:

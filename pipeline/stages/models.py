@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 import torch
 
 from pipeline.config import ModelConfig
+from pipeline.stages.sam2_pin import require_sam2
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,7 @@ def verify_checkpoint(path: Path) -> bool:
 
 
 def _build_predictor(cfg: ModelConfig, ckpt_path: Path | None, device: torch.device):
+    require_sam2()
     from sam2.build_sam import build_sam2_video_predictor
 
     spec = MODEL_SPECS[cfg.name]
@@ -206,6 +208,7 @@ def random_checkpoint(cfg: ModelConfig, dest: Path) -> Path:
     """Save a seeded random-weight model of the real architecture as a checkpoint file (`{"model": sd}` plus
     the `RANDOM_WEIGHTS_KEY` marker), so tests and demos go through the same loading code as real checkpoints
     and whatever loads it is labelled random."""
+    require_sam2()
     from sam2.build_sam import build_sam2
 
     dest.parent.mkdir(parents=True, exist_ok=True)

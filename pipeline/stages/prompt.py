@@ -21,6 +21,7 @@ import torch
 from pipeline.config import PromptConfig
 from pipeline.records import Prompt
 from pipeline.stages.models import LoadedModel, patched_method
+from pipeline.stages.sam2_pin import require_sam2
 
 # Our own keys; every other PromptConfig field is a SAM2AutomaticMaskGenerator argument of the same name.
 _OWN_KEYS = {"min_area", "max_objects", "share_features"}
@@ -62,6 +63,7 @@ class _VideoTransforms:
 
 
 def make_generator(model: LoadedModel, cfg: PromptConfig):
+    require_sam2()
     from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 
     generator = SAM2AutomaticMaskGenerator(model.predictor, **amg_kwargs(cfg))

@@ -201,8 +201,11 @@ def _map_tensors(obj, fn):
 def oldest_memory_frame(model, frame: int) -> int:
     """The oldest earlier frame whose spatial memory (maskmem_features) tracking `frame` can read: frame - 1
     and every r-th frame before it for t_rel = 2 .. num_maskmem - 1 (sam2's
-    SAM2Base._prepare_memory_conditioned_features). Non-decreasing in `frame`."""
-    if model.num_maskmem == 0:  # no memory: sam2 skips the fusion altogether
+    SAM2Base._prepare_memory_conditioned_features); `frame` itself when it reads none. Non-decreasing in
+    `frame`. tests/test_sam2_internals.py checks it against sam2's own method."""
+    if model.num_maskmem <= 1:
+        # 0: no memory (sam2 skips the fusion altogether); 1: the one slot is the prompt frames' (t_pos 0), and
+        # sam2's loop over earlier frames, t_pos = 1 .. num_maskmem - 1, is empty
         return frame
     oldest = frame - 1
     if model.num_maskmem >= 3:
@@ -244,6 +247,11 @@ def resolve_autocast(mode: str, device: torch.device) -> str:
     if mode == "fp16" and device.type != "cuda":
         raise ValueError(f"autocast='fp16' needs a CUDA device, the model is on {device}; use 'bf16' or 'off'")
     return mode
+
+
+def resolve_tf32(requested: bool, device: torch.device) -> bool:
+    """Whether TF32 is on for a run with `propagate.tf32=requested`: on CUDA devices of compute capability >= 8."""
+    return bool(requested and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8)
 
 
 def spare_core(device: torch.device) -> bool:
@@ -825,7 +833,7 @@ class Tracking(Iterator[FrameMasks]):
 
     def _generate(self, engine: _Engine, frames: Iterable[np.ndarray], options: TrackOptions):
         device = engine.device
-        if options.tf32 and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        if resolve_tf32(options.tf32, device):
             self._restore.append((_set_tf32, (torch.backends.cuda.matmul.allow_tf32,
                                               torch.backends.cudnn.allow_tf32)))
             _set_tf32((True, True))

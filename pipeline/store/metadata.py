@@ -29,6 +29,15 @@ ITEMS_SCHEMA = pa.schema([
     ("checkpoint_sha256", pa.string()),
     ("random_weights", pa.bool_()),
     ("device", pa.string()),
+    # the numerics the masks were computed with (pipeline/numerics.py; null for items failed before the model)
+    ("device_class", pa.string()),  # cpu | cuda-sm<major><minor>
+    ("device_name", pa.string()),
+    ("autocast", pa.string()),  # bf16 | fp16 | off (float32)
+    ("object_batch", pa.int32()),  # objects per batched tracking step
+    ("tf32", pa.bool_()),
+    ("compile", pa.bool_()),
+    ("torch_version", pa.string()),
+    ("sam2_version", pa.string()),
     ("seconds_decode", pa.float64()),
     ("seconds_prompt", pa.float64()),
     ("seconds_propagate", pa.float64()),
