@@ -40,15 +40,16 @@ def _progress(plan, stop: threading.Event, interval: float = 1.0) -> None:
     """One bar for the whole run, read from disk, so it works the same for any executor."""
     from tqdm import tqdm
 
-    from pipeline.status import shard_status
+    from pipeline.status import StatusCache
 
-    total_items = sum(len(s.item_ids) for s in plan.shards)
+    total_items = plan.num_items
+    cache = StatusCache(plan)  # re-reads only the shards whose folder changed since the last second
     # Off a terminal (logs, CI) a line every 10 s is enough.
     bar = tqdm(total=total_items, unit="item", desc="masklet", dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 10.0)
     while True:
         stopped = stop.wait(interval)
-        states = [shard_status(plan, s.shard_id) for s in plan.shards]
+        states = cache.refresh()
         done = sum(s.done + s.failed for s in states)
         bar.set_postfix(frames=sum(s.frames_done for s in states), failed=sum(s.failed for s in states))
         bar.update(done - bar.n)
@@ -74,7 +75,7 @@ class _ProgressBar:
         return False
 
 
-def _status_text(out) -> str:
+def _status_text(out, show_shards: bool = False, show_failed: bool = False) -> str:
     from pipeline.paths import RunPaths
     from pipeline.status import format_status, run_status
 
@@ -84,7 +85,7 @@ def _status_text(out) -> str:
         from pipeline.executors.slurm import scheduler_view
 
         scheduler = scheduler_view(plan.paths)
-    return format_status(plan, shards, scheduler)
+    return format_status(plan, shards, scheduler, show_shards=show_shards, show_failed=show_failed)
 
 
 def _launch(plan, cfg, shard_ids: list[int], *, redo_failed: bool, wait: bool, command: str) -> int:
@@ -149,8 +150,8 @@ def _cmd_run(args) -> int:
     if plan.config.model.random_weights:
         print("WARNING: model.random_weights=true: the real SAM 2 architecture with random weights. "
               "Its masks test the plumbing and are NOT segmentation results.", file=sys.stderr)
-    pending = [s.shard_id for s in plan.shards if shard_status(plan, s.shard_id).pending]
-    print(f"run {plan.paths.root}: {len(plan.items)} items in {len(plan.shards)} shards, "
+    pending = [s for s in plan.shard_ids if shard_status(plan, s).pending]
+    print(f"run {plan.paths.root}: {plan.num_items} items in {len(plan.shard_ids)} shards, "
           f"{len(pending)} shards with pending items")
     return _launch(plan, cfg, pending, redo_failed=False, wait=args.wait, command="run")
 
@@ -223,7 +224,7 @@ def _cmd_resume(args) -> int:
 
 
 def _cmd_status(args) -> int:
-    print(_status_text(args.out))
+    print(_status_text(args.out, show_shards=args.shards, show_failed=args.failed))
     return 0
 
 
@@ -295,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="items, shards and jobs: done / running / failed, rate, ETA, errors")
     status.add_argument("out", help="run folder")
+    status.add_argument("--shards", action="store_true", help="a line per shard (shown anyway for up to 10 shards)")
+    status.add_argument("--failed", action="store_true", help="every failed item and task (else the first 10)")
     status.set_defaults(func=_cmd_status)
 
     cancel = sub.add_parser("cancel", help="cancel the run's queued and running SLURM jobs")

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.paths import RunPaths
+from pipeline.store.summary import write_summary
 
 TABLES = ("items", "masklets", "frames")
 _COMPACTED = ".compacted-"
@@ -39,6 +40,7 @@ def _stage_tables(paths: RunPaths, tag: str, tables: dict[str, pa.Table]) -> Pat
     try:
         for name in TABLES:
             pq.write_table(tables[name], stage / f"{name}.parquet")
+        write_summary(stage, tables)  # published by the same rename as the tables (for `masklet status`)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
