@@ -310,6 +310,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """The errors that mean bad input. Those of modules this command never imported cannot have been raised:
+    looking them up in sys.modules spares `masklet status` the imports of torch and submitit (seconds)."""
+    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError, ValueError]
+    for module, name in (("pipeline.plan", "RunMismatchError"), ("pipeline.stages.models", "CheckpointError"),
+                         ("pipeline.executors.slurm", "SlurmError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -326,13 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         handler.setLevel(logging.INFO if args.verbose else logging.WARNING)
     # sam2 builds its position encodings with torch.jit.script, which torch now warns about at every build.
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
-    from pipeline.executors.slurm import SlurmError
-    from pipeline.plan import RunMismatchError
-    from pipeline.stages.models import CheckpointError
-
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError, CheckpointError, RunMismatchError, SlurmError) as e:
+    except _input_errors() as e:
         # Input problems: one clear line (the message says the fix); -v shows the traceback too.
         if args.verbose:
             raise

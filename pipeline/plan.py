@@ -11,6 +11,7 @@ whole manifest (about 24 s per task for a million rows: days of CPU over 10,000 
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import heapq
@@ -26,11 +27,10 @@ from importlib import metadata
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import PlanConfig, RunConfig, config_from_dict, config_to_dict
-from pipeline.manifest import items_to_table, manifest_fingerprint, write_table_atomic
-from pipeline.manifest.columns import items_of_table
 from pipeline.paths import RunPaths, check_component
 from pipeline.records import MediaItem, Shard
 
@@ -170,12 +170,42 @@ class RunPlan:
 
     def shard_items(self, shard_id: int) -> dict[str, MediaItem]:
         """The shard's items, in plan order, reading only the row groups that hold them (version 2)."""
+        from pipeline.manifest.columns import items_of_table
+
         span = self._span(shard_id)
         if self.listed is not None:
             return {i: self._all_items[i] for i in self.listed[shard_id].item_ids}
         items = items_of_table(_read_rows(self.paths.manifest, span.start, span.start + span.num_items))
         self._loaded.update((it.item_id, it) for it in items)
         return {it.item_id: it for it in items}
+
+    def shard_of(self, item_id: str) -> int:
+        """The shard that holds `item_id` (KeyError when the run has none): a scan of the copy's id column
+        (a million ids in milliseconds once read), then a binary search over the shards' row spans."""
+        if self.listed is not None:
+            found = self._listed_index.get(item_id)
+        else:
+            row = pc.index(self._id_column, item_id).as_py()
+            found = None if row < 0 else self._span_order[bisect.bisect_right(self._span_starts, row) - 1]
+        if found is None:
+            raise KeyError(f"item {item_id!r} is not in the plan of {self.paths.root}")
+        return found
+
+    @cached_property
+    def _id_column(self) -> pa.ChunkedArray:
+        return pq.read_table(self.paths.manifest, columns=["item_id"]).column("item_id")
+
+    @cached_property
+    def _span_order(self) -> list[int]:
+        return sorted(self.spans, key=lambda i: self.spans[i].start)
+
+    @cached_property
+    def _span_starts(self) -> list[int]:
+        return [self.spans[i].start for i in self._span_order]
+
+    @cached_property
+    def _listed_index(self) -> dict[str, int]:
+        return {item_id: s.shard_id for s in self.listed.values() for item_id in s.item_ids}
 
     @cached_property
     def items(self) -> PlanItems:
@@ -186,11 +216,13 @@ class RunPlan:
         """Every shard with its item ids (reads the copy's id column once: for whole-run views)."""
         if self.listed is not None:
             return list(self.listed.values())
-        ids = pq.read_table(self.paths.manifest, columns=["item_id"]).column("item_id").to_pylist()
+        ids = self._id_column.to_pylist()
         return [Shard(s.shard_id, tuple(ids[s.start:s.start + s.num_items]), s.cost) for s in self.spans.values()]
 
     @cached_property
     def _all_items(self) -> dict[str, MediaItem]:
+        from pipeline.manifest.columns import items_of_table
+
         return {it.item_id: it for it in items_of_table(pq.read_table(self.paths.manifest))}
 
 
@@ -213,6 +245,10 @@ def _read_rows(manifest: Path, start: int, stop: int) -> pa.Table:
 def prepare_run(out: str | Path, items: list[MediaItem], cfg: RunConfig) -> RunPlan:
     """Freeze the plan under OUT, or reopen it: a second `run` on the same OUT with the same manifest and
     config resumes; a changed one is refused (mixing outputs of two configs would make a corrupt dataset)."""
+    # Here, not at the top: pipeline.manifest imports dask and PyAV, which loading a plan (every worker,
+    # every `masklet status`) does not need.
+    from pipeline.manifest import items_to_table, manifest_fingerprint, write_table_atomic
+
     paths = RunPaths.of(out)
     for it in items:
         check_component(it.item_id)

@@ -1,5 +1,18 @@
 """Reading a run: `open_run(OUT)` gives the items, masklets and per-frame tables (committed items only)
-and each item's masks as a lazy Zarr array."""
+and each item's masks as a lazy Zarr array.
+
+A run of a million videos of 300 frames and 20 objects holds 6 billion frame rows: they are never loaded
+whole. The tables are exposed as pyarrow datasets over the committed Parquet files (`dataset(name)`), with
+filters and column selections pushed down (`scan(name, filter=..., columns=...)`), and the rows of one item
+read from its shard's files only (`frames_for(item_id)`, `masklets_for(item_id)`: the plan says which
+shard). `.items` reads the items table (one row per item); `.masklets` and `.frames` stay for small runs and
+refuse past TABLE_ROWS_LIMIT rows, naming the lazy way instead.
+
+Which files hold a shard's rows is the store's rule (pipeline/store/commit.py: the newest compacted folder,
+overridden per item by item folders). Where an item folder overrides rows of a compacted file (a redo of
+failed items, or a compaction cut short), that file's other rows are read into memory and joined to the
+dataset; there are few such shards, and none in a finished run.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,13 +21,52 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import zarr
 
 from pipeline.paths import RunPaths
 from pipeline.plan import RunPlan, load_run
 from pipeline.store import metadata
-from pipeline.store.commit import read_table
+from pipeline.store.commit import _shard_layout, shard_ids_on_disk
 from pipeline.store.masks import open_masks
+
+SCHEMAS = {"items": metadata.ITEMS_SCHEMA, "masklets": metadata.MASKLETS_SCHEMA, "frames": metadata.FRAMES_SCHEMA}
+TABLE_ROWS_LIMIT = 20_000_000  # `.masklets` / `.frames` load whole up to this (about a GB); past it, scan
+
+
+@dataclass(frozen=True)
+class ShardFiles:
+    """The committed folders of one shard, resolved: whole folders, and a compacted folder whose rows of
+    `overridden` items are superseded by item folders."""
+
+    whole: tuple[Path, ...] = ()
+    partly: Path | None = None
+    overridden: tuple[str, ...] = ()
+
+
+def shard_files(paths: RunPaths, shard_id: int) -> ShardFiles:
+    compacted, _, items = _shard_layout(paths, shard_id)
+    folders = tuple(items[k] for k in sorted(items))
+    if compacted is None:
+        return ShardFiles(folders)
+    if not items:
+        return ShardFiles((compacted,))
+    return ShardFiles(folders, compacted, tuple(sorted(items)))
+
+
+def _dataset(shards: list[ShardFiles], name: str) -> ds.Dataset:
+    schema = SCHEMAS[name]
+    files = [str(d / f"{name}.parquet") for s in shards for d in s.whole]
+    whole = ds.dataset(files, schema=schema, format="parquet")
+    partly = [s for s in shards if s.partly is not None]
+    if not partly:
+        return whole
+    kept = []
+    for s in partly:
+        t = pq.read_table(s.partly / f"{name}.parquet", schema=schema)
+        kept.append(t.filter(pc.invert(pc.is_in(t["item_id"], pa.array(s.overridden, pa.string())))))
+    return ds.dataset([whole, ds.InMemoryDataset(pa.concat_tables(kept), schema=schema)])
 
 
 @dataclass
@@ -31,23 +83,67 @@ class RunResults:
         return self.plan.random_weights
 
     @cached_property
+    def _layout(self) -> list[ShardFiles]:
+        return [shard_files(self.paths, s) for s in shard_ids_on_disk(self.paths)]
+
+    def dataset(self, name: str) -> ds.Dataset:
+        """A pyarrow dataset over the committed rows of `name` (items, masklets or frames); nothing is read
+        until it is scanned. The committed set is the one on disk when this RunResults was opened."""
+        if name not in SCHEMAS:
+            raise KeyError(f"no table {name!r} in a run; the tables are {', '.join(SCHEMAS)}")
+        return _dataset(self._layout, name)
+
+    def scan(self, name: str, filter: ds.Expression | None = None, columns: list[str] | None = None) -> pa.Table:
+        """The rows of `name` that pass `filter`, with only `columns`: both pushed down to the Parquet reader,
+        e.g. scan("frames", ds.field("object_score") < 0, ["item_id", "frame"])."""
+        return self.dataset(name).to_table(filter=filter, columns=columns)
+
+    def _shard_dataset(self, item_id: str, name: str) -> ds.Dataset:
+        shard_id = self.plan.shard_of(item_id)
+        return _dataset([shard_files(self.paths, shard_id)], name)
+
+    def item_rows(self, name: str, item_id: str) -> pa.Table:
+        """One item's rows of `name`, read from its shard's files only."""
+        return self._shard_dataset(item_id, name).to_table(filter=ds.field("item_id") == item_id)
+
+    def frames_for(self, item_id: str) -> pa.Table:
+        return self.item_rows("frames", item_id)
+
+    def masklets_for(self, item_id: str) -> pa.Table:
+        return self.item_rows("masklets", item_id)
+
+    @cached_property
     def items(self) -> pa.Table:
-        return read_table(self.paths, "items", metadata.ITEMS_SCHEMA)
+        return self.scan("items")
+
+    def _whole(self, name: str) -> pa.Table:
+        dataset = self.dataset(name)
+        rows = dataset.count_rows()  # Parquet footers only
+        if rows > TABLE_ROWS_LIMIT:
+            raise MemoryError(
+                f"{self.paths.root}: the {name} table has {rows:,} rows, too many to load whole (limit "
+                f"{TABLE_ROWS_LIMIT:,}); read it lazily: {name}_for(item_id), scan({name!r}, filter=..., "
+                f"columns=...) or dataset({name!r})")
+        return dataset.to_table()
 
     @cached_property
     def masklets(self) -> pa.Table:
-        return read_table(self.paths, "masklets", metadata.MASKLETS_SCHEMA)
+        return self._whole("masklets")
 
     @cached_property
     def frames(self) -> pa.Table:
-        return read_table(self.paths, "frames", metadata.FRAMES_SCHEMA)
+        return self._whole("frames")
 
     def item_ids(self, status: str = "done") -> list[str]:
         return self.items.filter(pc.equal(self.items["status"], status))["item_id"].to_pylist()
 
     def masks(self, item_id: str) -> zarr.Array:
         """bool (objects, frames, H, W), read lazily chunk by chunk (`[o, t]` reads one masklet-frame)."""
-        if item_id not in set(self.item_ids("done")):
+        try:
+            row = self.item_rows("items", item_id).select(["status"]).to_pylist()
+        except KeyError:
+            row = []
+        if not row or row[0]["status"] != "done":
             raise KeyError(f"item {item_id!r} has no committed masks in {self.paths.root} (see `masklet status`)")
         return open_masks(self.paths, item_id)
 
