@@ -50,18 +50,19 @@ def make_plan(items: list[MediaItem], cfg: PlanConfig) -> list[Shard]:
     n_shards = cfg.num_shards or math.ceil(len(items) / cfg.max_items_per_shard)
     n_shards = max(1, min(n_shards, len(items)))
     cap = math.ceil(len(items) / n_shards) if cfg.num_shards else cfg.max_items_per_shard
-    order = sorted(range(len(items)), key=lambda i: (-items[i].cost, i))
+    costs = [it.cost for it in items]  # once: a million property calls per use add up
+    order = sorted(range(len(items)), key=lambda i: (-costs[i], i))
     heap = [(0.0, s) for s in range(n_shards)]  # (cost so far, shard id)
     members: list[list[int]] = [[] for _ in range(n_shards)]
     for i in order:
         cost, s = heapq.heappop(heap)  # the cheapest shard that still has room (n_shards * cap >= items)
         members[s].append(i)
         if len(members[s]) < cap:
-            heapq.heappush(heap, (cost + items[i].cost, s))
+            heapq.heappush(heap, (cost + costs[i], s))
     shards = []
     for s, idx in enumerate(members):
         idx.sort()
-        shards.append(Shard(s, tuple(items[i].item_id for i in idx), float(sum(items[i].cost for i in idx))))
+        shards.append(Shard(s, tuple(items[i].item_id for i in idx), float(sum(costs[i] for i in idx))))
     return [sh for sh in shards if sh.item_ids]
 
 

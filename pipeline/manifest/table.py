@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -106,16 +107,16 @@ def manifest_fingerprint(items: Sequence[MediaItem]) -> str:
     since the same items make the same plan.
     """
     digest = hashlib.sha256()
+    length = struct.Struct("<Q").pack
+    chunk: list[bytes] = []
     for item in sorted(items, key=lambda it: it.item_id):
-        fields = (
-            item.item_id.encode("utf-8"),
-            os.fsencode(item.path),
-            str(int(item.num_frames)).encode(),
-            str(int(item.width)).encode(),
-            str(int(item.height)).encode(),
-            str(int(item.bytes)).encode(),
-        )
+        i, p = item.item_id.encode("utf-8"), os.fsencode(item.path)
+        n, w, h, b = (b"%d" % int(v) for v in (item.num_frames, item.width, item.height, item.bytes))
         # Length prefixes make the encoding unambiguous: no choice of separator can be forged by a name.
-        # One update per item (the same bytes as one per field: old runs keep their fingerprint).
-        digest.update(b"".join(len(f).to_bytes(8, "little") + f for f in fields))
+        chunk += (length(len(i)), i, length(len(p)), p, length(len(n)), n, length(len(w)), w,
+                  length(len(h)), h, length(len(b)), b)
+        if len(chunk) > 120_000:  # the same bytes as one update per field, hashed in fewer, larger calls
+            digest.update(b"".join(chunk))
+            chunk.clear()
+    digest.update(b"".join(chunk))
     return digest.hexdigest()
