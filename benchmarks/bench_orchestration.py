@@ -185,9 +185,12 @@ def _run(args, tmp: Path) -> int:
     row("masklet status OUT (a new process, imports included)", t_cli)
     from pipeline import open_run
 
+    shutil.rmtree(RunPaths.of(out).table_cache, ignore_errors=True)  # the first open after the run changed
+    res, t_first = timed(lambda: open_run(out).items)
+    row(f"open_run(OUT).items, first open ({res.num_rows:,} rows)", t_first,
+        BEFORE["items"] if args.items == 1_000_000 else None, f"< {TARGETS['items']:.0f} s")
     res, t_items = timed(lambda: open_run(out).items)
-    row(f"open_run(OUT).items ({res.num_rows:,} rows)", t_items, BEFORE["items"] if args.items == 1_000_000 else None,
-        f"< {TARGETS['items']:.0f} s")
+    row("open_run(OUT).items, next opens (one cached file)", t_items, None, f"< {TARGETS['items']:.0f} s")
     some = plan.shards[len(plan.shards) // 2].item_ids[0]
     run = open_run(out)
     frames, t_one = timed(lambda: run.frames_for(some))
@@ -195,7 +198,7 @@ def _run(args, tmp: Path) -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"  peak memory of this process: {peak:.2f} GB; load average at end {os.getloadavg()[0]:.1f}")
     print("\n".join(f"  | {line}" for line in lines[:12]))
-    ok = t_read + t_plan < TARGETS["plan+read"] and t_status < TARGETS["status"] and t_items < TARGETS["items"]
+    ok = t_read + t_plan < TARGETS["plan+read"] and t_status < TARGETS["status"] and t_first < TARGETS["items"]
     print("targets met" if ok else "targets NOT met")
     return 0
 

@@ -10,6 +10,7 @@
       logs/shard-00007.log          one log per shard
       tmp/                          staging area; anything here is uncommitted and may be deleted
       tmp/partial/<item_id>/        a long item's checkpoint: masks and rows so far, tracker state
+      tmp/tables/items-<key>.parquet  open_run's items table of every shard in one file (a cache: see results.py)
       slurm/jobs.jsonl              one line per SLURM submission: job id, array tasks and their shard ids
       slurm/<job>_<task>/           submitit's folder of one array task (pickles, stdout/stderr logs)
 """
@@ -84,6 +85,11 @@ class RunPaths:
     @property
     def tmp(self) -> Path:
         return self.root / "tmp"
+
+    @property
+    def table_cache(self) -> Path:
+        """Whole-run tables `open_run` rebuilt from every shard's files, named by the files they came from."""
+        return self.tmp / "tables"
 
     def partial(self, item_id: str) -> Path:
         """Where a long item's checkpoint lives until the item is committed (pipeline/store/partial.py)."""

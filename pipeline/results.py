@@ -5,8 +5,14 @@ A run of a million videos of 300 frames and 20 objects holds 6 billion frame row
 whole. The tables are exposed as pyarrow datasets over the committed Parquet files (`dataset(name)`), with
 filters and column selections pushed down (`scan(name, filter=..., columns=...)`), and the rows of one item
 read from its shard's files only (`frames_for(item_id)`, `masklets_for(item_id)`: the plan says which
-shard). `.items` reads the items table (one row per item); `.masklets` and `.frames` stay for small runs and
-refuse past TABLE_ROWS_LIMIT rows, naming the lazy way instead.
+shard). `.masklets` and `.frames` stay for small runs and refuse past TABLE_ROWS_LIMIT rows, naming the lazy
+way instead.
+
+`.items` (one row per item) is read from every shard's file: 10,000 small files cost about 8 CPU seconds,
+most of it per file, not per row. The table is then kept in one file under tmp/tables/, named by a hash of
+the committed folders it came from (path, inode, mtime: a commit, a redo or a compaction changes it), so the
+next `open_run(...).items` on an unchanged run reads one file. A run folder that cannot be written is read
+the long way each time.
 
 Which files hold a shard's rows is the store's rule (pipeline/store/commit.py: the newest compacted folder,
 overridden per item by item folders). Where an item folder overrides rows of a compacted file (a redo of
@@ -15,6 +21,10 @@ dataset; there are few such shards, and none in a finished run.
 """
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import uuid
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -32,6 +42,7 @@ from pipeline.store.commit import _shard_layout, shard_ids_on_disk
 from pipeline.store.masks import open_masks
 
 SCHEMAS = {"items": metadata.ITEMS_SCHEMA, "masklets": metadata.MASKLETS_SCHEMA, "frames": metadata.FRAMES_SCHEMA}
+log = logging.getLogger("masklet.results")
 TABLE_ROWS_LIMIT = 20_000_000  # `.masklets` / `.frames` load whole up to this (about a GB); past it, scan
 
 
@@ -67,6 +78,32 @@ def _dataset(shards: list[ShardFiles], name: str) -> ds.Dataset:
         t = pq.read_table(s.partly / f"{name}.parquet", schema=schema)
         kept.append(t.filter(pc.invert(pc.is_in(t["item_id"], pa.array(s.overridden, pa.string())))))
     return ds.dataset([whole, ds.InMemoryDataset(pa.concat_tables(kept), schema=schema)])
+
+
+def _layout_key(shards: list[ShardFiles]) -> str:
+    """A name for the committed state of a run: every resolved folder's path, inode and mtime."""
+    digest = hashlib.sha256()
+    for s in shards:
+        for d in (*s.whole, *((s.partly,) if s.partly else ())):
+            st = os.stat(d)
+            digest.update(f"{d.parent.name}/{d.name}:{st.st_ino}:{st.st_mtime_ns}\n".encode())
+        digest.update(("|".join(s.overridden) + "\n").encode())
+    return digest.hexdigest()[:32]
+
+
+def _keep(table: pa.Table, path: Path) -> None:
+    """Write the cache file atomically and drop older ones; a folder we cannot write to is no error."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+        for old in path.parent.glob("items-*.parquet"):
+            if old != path:
+                old.unlink(missing_ok=True)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        log.info("not caching the items table in %s (%s)", path.parent, e)
 
 
 @dataclass
@@ -114,7 +151,15 @@ class RunResults:
 
     @cached_property
     def items(self) -> pa.Table:
-        return self.scan("items")
+        key = _layout_key(self._layout)
+        cached = self.paths.table_cache / f"items-{key}.parquet"
+        try:
+            return pq.read_table(cached, schema=SCHEMAS["items"])
+        except FileNotFoundError:  # none yet for this state of the run (or another reader just replaced it)
+            pass
+        table = self.scan("items")
+        _keep(table, cached)
+        return table
 
     def _whole(self, name: str) -> pa.Table:
         dataset = self.dataset(name)

@@ -269,6 +269,24 @@ def test_open_run_scans_lazily_and_reads_one_item_from_its_shard(tmp_path, monke
         res.masks("it9999")
 
 
+def test_items_are_read_from_one_cached_file_until_a_commit_changes_the_run(tmp_path, monkeypatch):
+    plan = prepare_run(tmp_path / "run", _items(24), _cfg(4))
+    _commit_all(plan, failed={"it0003"})
+    first = open_run(plan.paths.root).items
+    assert len(list(plan.paths.table_cache.glob("items-*.parquet"))) == 1
+    real = results_module._dataset
+    monkeypatch.setattr(results_module, "_dataset", lambda *a: pytest.fail("read every shard again"))
+    assert open_run(plan.paths.root).items.equals(first)
+    monkeypatch.setattr(results_module, "_dataset", real)
+    sid = plan.shard_of("it0003")
+    commit_item(plan.paths, sid, "it0003", _tables("it0003", sid))  # a redo: the run changed
+    items = open_run(plan.paths.root).items
+    assert dict(zip(items["item_id"].to_pylist(), items["status"].to_pylist()))["it0003"] == "done"
+    compact_shard(plan.paths, sid)
+    assert open_run(plan.paths.root).items.sort_by("item_id").equals(items.sort_by("item_id"))
+    assert len(list(plan.paths.table_cache.glob("items-*.parquet"))) == 1, "older versions are removed"
+
+
 def test_the_benchmark_quick_variant_runs_and_meets_its_targets(capsys):
     from benchmarks.bench_orchestration import main as bench
 
