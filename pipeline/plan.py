@@ -248,12 +248,14 @@ def prepare_run(out: str | Path, items: list[MediaItem], cfg: RunConfig) -> RunP
     config resumes; a changed one is refused (mixing outputs of two configs would make a corrupt dataset)."""
     # Here, not at the top: pipeline.manifest imports dask and PyAV, which loading a plan (every worker,
     # every `masklet status`) does not need.
-    from pipeline.manifest import items_to_table, manifest_fingerprint, write_table_atomic
+    from pipeline.manifest import items_to_table, write_table_atomic
+    from pipeline.manifest.table import table_fingerprint
 
     paths = RunPaths.of(out)
     for it in items:
         check_component(it.item_id)
-    fingerprint = manifest_fingerprint(items)
+    table = items_to_table(items)
+    fingerprint = table_fingerprint(table)  # manifest_fingerprint(items), by Arrow kernels
     if paths.snapshot.exists():
         existing = load_run(out)
         old = existing.snapshot
@@ -276,10 +278,10 @@ def prepare_run(out: str | Path, items: list[MediaItem], cfg: RunConfig) -> RunP
         return existing
     paths.ensure()
     shards = make_plan(items, cfg.plan)
-    by_id = {it.item_id: it for it in items}
+    position = {it.item_id: k for k, it in enumerate(items)}
     # The copy in shard order, so that a shard is a row span: a worker reads its rows and nothing else.
-    ordered = [by_id[i] for s in shards for i in s.item_ids]
-    write_table_atomic(items_to_table(ordered), str(paths.manifest), row_group_size=MANIFEST_ROW_GROUP)
+    ordered = table.take(pa.array([position[i] for s in shards for i in s.item_ids], pa.int64()))
+    write_table_atomic(ordered, str(paths.manifest), row_group_size=MANIFEST_ROW_GROUP)
     starts = [0]
     for s in shards[:-1]:
         starts.append(starts[-1] + len(s.item_ids))

@@ -19,6 +19,7 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.manifest import items_to_table, manifest_fingerprint, read_manifest, write_table_atomic
 from pipeline.manifest.columns import complete_items
+from pipeline.manifest.table import table_fingerprint
 from pipeline.plan import load_run, make_plan, prepare_run
 from pipeline.records import MediaItem
 from pipeline.status import StatusCache, format_status, run_status
@@ -115,6 +116,9 @@ def test_the_fingerprint_is_the_one_old_runs_recorded():
             digest.update(len(f).to_bytes(8, "little"))
             digest.update(f)
     assert manifest_fingerprint(items) == digest.hexdigest()
+    odd = [MediaItem("odd", os.fsdecode(b"/d/caf\xe9.mp4"), "video", 3, 30.0, 8, 8, "vp9", 9),
+           MediaItem("Ze", "/d/\u00e9t\u00e9.mp4", "video", 3, None, 8, 8, None, 0)]
+    assert table_fingerprint(items_to_table(items + odd)) == manifest_fingerprint(items + odd)
 
 
 def _as_version_1(plan) -> None:

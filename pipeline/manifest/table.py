@@ -8,7 +8,9 @@ import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.records import MediaItem, MediaKind
@@ -119,4 +121,28 @@ def manifest_fingerprint(items: Sequence[MediaItem]) -> str:
             digest.update(b"".join(chunk))
             chunk.clear()
     digest.update(b"".join(chunk))
+    return digest.hexdigest()
+
+
+def table_fingerprint(table: pa.Table) -> str:
+    """`manifest_fingerprint` of the items of a manifest table (`MANIFEST_SCHEMA`), by Arrow kernels: the same
+    bytes hashed (checked in tests/test_scale.py), a million rows in about a second instead of ten."""
+    n = table.num_rows
+    order = pc.sort_indices(table["item_id"])  # UTF-8 byte order is code point order, Python's str order
+    rows = table.take(order)
+    path = rows["path"].cast(pa.binary())
+    if "path_bytes" in rows.column_names and rows["path_bytes"].null_count < n:
+        path = pc.coalesce(rows["path_bytes"], path)  # the exact name (os.fsencode) where it differs
+    fields = [rows["item_id"].cast(pa.binary()), path]
+    fields += [rows[name].cast(pa.string()).cast(pa.binary()) for name in ("num_frames", "width", "height", "bytes")]
+    parts = []
+    for f in fields:
+        lengths = np.asarray(pc.binary_length(f).to_numpy(zero_copy_only=False), dtype="<u8")
+        prefix = pa.FixedSizeBinaryArray.from_buffers(pa.binary(8), n, [None, pa.py_buffer(lengths.tobytes())])
+        parts += [prefix.cast(pa.binary()), f]
+    joined = pc.binary_join_element_wise(*parts, b"").combine_chunks() if n else pa.array([], pa.binary())
+    digest = hashlib.sha256()
+    if n:
+        offsets = np.frombuffer(joined.buffers()[1], dtype=np.int32)[joined.offset:joined.offset + n + 1]
+        digest.update(memoryview(joined.buffers()[2])[offsets[0]:offsets[-1]])
     return digest.hexdigest()
