@@ -25,6 +25,7 @@ import hashlib
 import logging
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -106,6 +107,28 @@ def _keep(table: pa.Table, path: Path) -> None:
         log.info("not caching the items table in %s (%s)", path.parent, e)
 
 
+def _read_files(files: list[str]) -> list[pa.Table]:
+    # Small files read whole, one thread each: the dataset scanner's per-file set-up costs more than the rows
+    # of a 100-item shard (measured: 1.5 CPU s per 3,000 files against 2.7 s).
+    return [pq.ParquetFile(f, pre_buffer=False).read(use_threads=False) for f in files]
+
+
+def _read_all(shards: list[ShardFiles], name: str) -> pa.Table:
+    """Every committed row of `name`, in memory: the whole files by a few threads, the rest as `_dataset`."""
+    schema = SCHEMAS[name]
+    files = [str(d / f"{name}.parquet") for s in shards for d in s.whole]
+    threads = max(1, min(4, os.cpu_count() or 1))
+    with ThreadPoolExecutor(threads) as pool:
+        step = -(-len(files) // threads)  # contiguous runs of files: rows stay in shard order
+        parts = [t for run in pool.map(_read_files, [files[i:i + step] for i in range(0, len(files), step)])
+                 for t in run]
+    parts = [t if t.schema == schema else t.cast(schema) for t in parts]
+    partly = [s for s in shards if s.partly is not None]
+    if partly:
+        parts.append(_dataset([ShardFiles((), s.partly, s.overridden) for s in partly], name).to_table())
+    return pa.concat_tables(parts) if parts else schema.empty_table()
+
+
 @dataclass
 class RunResults:
     plan: RunPlan
@@ -157,7 +180,7 @@ class RunResults:
             return pq.read_table(cached, schema=SCHEMAS["items"])
         except FileNotFoundError:  # none yet for this state of the run (or another reader just replaced it)
             pass
-        table = self.scan("items")
+        table = _read_all(self._layout, "items")
         _keep(table, cached)
         return table
 
