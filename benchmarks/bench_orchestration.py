@@ -152,7 +152,8 @@ def _run(args, tmp: Path) -> int:
         plan = load_run(out)
     del items
     row("plan and freeze the run", t_plan, BEFORE["plan"] if args.items == 1_000_000 else None)
-    row("  plan + read", t_read + t_plan, None, f"< {TARGETS['plan+read']:.0f} s", cpu=c_read + CPU["last"])
+    c_plan = c_read + CPU["last"]
+    row("  plan + read", t_read + t_plan, None, f"< {TARGETS['plan+read']:.0f} s", cpu=c_plan)
     starts, cpus = [], []
     for shard_id in random.Random(1).sample(plan.shard_ids, min(20, len(plan.shard_ids))):
         def start():
@@ -177,6 +178,7 @@ def _run(args, tmp: Path) -> int:
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
         _, t_status = timed(lambda: cli_main(["status", str(out)]))
+    c_status = CPU["last"]
     lines = text.getvalue().splitlines()
     row(f"masklet status OUT (in-process; {len(lines)} lines)", t_status, BEFORE["status"] if args.items == 1_000_000 else None,
         f"< {TARGETS['status']:.0f} s")
@@ -187,6 +189,7 @@ def _run(args, tmp: Path) -> int:
 
     shutil.rmtree(RunPaths.of(out).table_cache, ignore_errors=True)  # the first open after the run changed
     res, t_first = timed(lambda: open_run(out).items)
+    c_first = CPU["last"]
     row(f"open_run(OUT).items, first open ({res.num_rows:,} rows)", t_first,
         BEFORE["items"] if args.items == 1_000_000 else None, f"< {TARGETS['items']:.0f} s")
     res, t_items = timed(lambda: open_run(out).items)
@@ -198,8 +201,10 @@ def _run(args, tmp: Path) -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"  peak memory of this process: {peak:.2f} GB; load average at end {os.getloadavg()[0]:.1f}")
     print("\n".join(f"  | {line}" for line in lines[:12]))
-    ok = t_read + t_plan < TARGETS["plan+read"] and t_status < TARGETS["status"] and t_first < TARGETS["items"]
-    print("targets met" if ok else "targets NOT met")
+    for what, (plan_s, status_s, items_s) in (("wall", (t_read + t_plan, t_status, t_first)),
+                                              ("CPU", (c_plan, c_status, c_first))):
+        ok = plan_s < TARGETS["plan+read"] and status_s < TARGETS["status"] and items_s < TARGETS["items"]
+        print(f"targets ({what} seconds): {'met' if ok else 'NOT met'}")
     return 0
 
 

@@ -299,4 +299,4 @@ def test_the_benchmark_quick_variant_runs_and_meets_its_targets(capsys):
     for step in ("read the manifest", "plan and freeze the run", "worker start-up", "masklet status OUT",
                  "open_run(OUT).items", "peak memory"):
         assert step in out, step
-    assert "targets met" in out
+    assert "targets (wall seconds): met" in out and "targets (CPU seconds): met" in out
