@@ -273,6 +273,12 @@ def test_open_run_scans_lazily_and_reads_one_item_from_its_shard(tmp_path, monke
         res.masks("it9999")
 
 
+def test_a_run_with_nothing_committed_has_empty_tables(tmp_path):
+    plan = prepare_run(tmp_path / "run", _items(4), _cfg(2))
+    res = open_run(plan.paths.root)
+    assert res.items.num_rows == 0 and res.frames.num_rows == 0 and res.frames_for("it0001").num_rows == 0
+
+
 def test_items_are_read_from_one_cached_file_until_a_commit_changes_the_run(tmp_path, monkeypatch):
     plan = prepare_run(tmp_path / "run", _items(24), _cfg(4))
     _commit_all(plan, failed={"it0003"})
