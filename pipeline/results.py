@@ -119,7 +119,7 @@ def _read_all(shards: list[ShardFiles], name: str) -> pa.Table:
     files = [str(d / f"{name}.parquet") for s in shards for d in s.whole]
     threads = max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(threads) as pool:
-        step = -(-len(files) // threads)  # contiguous runs of files: rows stay in shard order
+        step = max(1, -(-len(files) // threads))  # contiguous runs of files: rows stay in shard order
         parts = [t for run in pool.map(_read_files, [files[i:i + step] for i in range(0, len(files), step)])
                  for t in run]
     parts = [t if t.schema == schema else t.cast(schema) for t in parts]
