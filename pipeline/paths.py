@@ -4,9 +4,11 @@
       run.json                      run snapshot: resolved config, versions, manifest fingerprint
       random-weights.json           present when a worker loaded random weights (whatever the config said)
       manifest.parquet              the manifest rows this run was planned from (frozen copy)
-      plan.json                     the frozen shards (ids never depend on how many workers run them)
+      plan.json                     the frozen shards (ids never depend on how many workers run them); version 2:
+                                    each shard's row span of manifest.parquet, which is in shard order
       masks/                        Zarr v3 group; masks/<item_id> is a bool array (objects, frames, H, W)
-      meta/shard-00007/<item_id>/   one committed item: items.parquet, masklets.parquet, frames.parquet
+      meta/shard-00007/<item_id>/   one committed item: items.parquet, masklets.parquet, frames.parquet,
+                                    summary.json (store/summary.py: what `masklet status` reads)
       logs/shard-00007.log          one log per shard
       tmp/                          staging area; anything here is uncommitted and may be deleted
       tmp/partial/<item_id>/        a long item's checkpoint: masks and rows so far, tracker state
