@@ -49,15 +49,16 @@ def _progress(plan, stop: threading.Event, interval: float = 1.0) -> None:
     """One bar for the whole run, read from disk, so it works the same for any executor."""
     from tqdm import tqdm
 
-    from pipeline.status import shard_status
+    from pipeline.status import StatusCache
 
-    total_items = sum(len(s.item_ids) for s in plan.shards)
+    total_items = plan.num_items
+    cache = StatusCache(plan)  # re-reads only the shards whose folder changed since the last second
     # Off a terminal (logs, CI) a line every 10 s is enough.
     bar = tqdm(total=total_items, unit="item", desc="masklet", dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 10.0)
     while True:
         stopped = stop.wait(interval)
-        states = [shard_status(plan, s.shard_id) for s in plan.shards]
+        states = cache.refresh()
         done = sum(s.done + s.failed for s in states)
         bar.set_postfix(frames=sum(s.frames_done for s in states), failed=sum(s.failed for s in states))
         bar.update(done - bar.n)
@@ -83,7 +84,7 @@ class _ProgressBar:
         return False
 
 
-def _status_text(out) -> str:
+def _status_text(out, show_shards: bool = False, show_failed: bool = False) -> str:
     from pipeline.paths import RunPaths
     from pipeline.status import format_status, run_status
 
@@ -93,7 +94,7 @@ def _status_text(out) -> str:
         from pipeline.executors.slurm import scheduler_view
 
         scheduler = scheduler_view(plan.paths)
-    return format_status(plan, shards, scheduler)
+    return format_status(plan, shards, scheduler, show_shards=show_shards, show_failed=show_failed)
 
 
 def _launch(plan, cfg, shard_ids: list[int], *, redo_failed: bool, wait: bool, command: str) -> int:
@@ -167,9 +168,9 @@ def _cmd_run(args) -> int:
         print("WARNING: model.random_weights=true: the real SAM 2 architecture with random weights. "
               "Its masks test the plumbing and are NOT segmentation results.", file=sys.stderr)
     check_launch_numerics(plan.paths, cfg, args.allow_mixed_numerics, "run")
-    pending = [s.shard_id for s in plan.shards if shard_status(plan, s.shard_id).pending]
+    pending = [s for s in plan.shard_ids if shard_status(plan, s).pending]
     untidy = _untidy(plan, pending)
-    print(f"run {plan.paths.root}: {len(plan.items)} items in {len(plan.shards)} shards, "
+    print(f"run {plan.paths.root}: {plan.num_items} items in {len(plan.shard_ids)} shards, "
           f"{len(pending)} shards with pending items" + (f", {len(untidy)} to tidy after a kill" if untidy else ""))
     return _launch(plan, cfg, sorted(pending + untidy), redo_failed=False, wait=args.wait, command="run")
 
@@ -179,8 +180,8 @@ def _untidy(plan, launched: list[int]) -> list[int]:
     running them processes nothing, it only clears and compacts."""
     from pipeline.store.commit import needs_tidy
 
-    return [s.shard_id for s in plan.shards
-            if s.shard_id not in launched and needs_tidy(plan.paths, s.shard_id)]
+    launched_set = set(launched)
+    return [s for s in plan.shard_ids if s not in launched_set and needs_tidy(plan.paths, s)]
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -268,7 +269,7 @@ def check_launch_numerics(paths, cfg, allow_mixed: bool, command: str) -> None:
 
 
 def _cmd_status(args) -> int:
-    print(_status_text(args.out))
+    print(_status_text(args.out, show_shards=args.shards, show_failed=args.failed))
     return 0
 
 
@@ -343,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="items, shards and jobs: done / running / failed, rate, ETA, errors")
     status.add_argument("out", help="run folder")
+    status.add_argument("--shards", action="store_true", help="a line per shard (shown anyway for up to 10 shards)")
+    status.add_argument("--failed", action="store_true", help="every failed item and task (else the first 10)")
     status.set_defaults(func=_cmd_status)
 
     cancel = sub.add_parser("cancel", help="cancel the run's queued and running SLURM jobs")
@@ -353,6 +356,18 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("folder")
     sample.set_defaults(func=_cmd_sample)
     return parser
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """The errors that mean bad input. Those of modules this command never imported cannot have been raised:
+    looking them up in sys.modules spares `masklet status` the imports of torch and submitit (seconds)."""
+    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError, ValueError]
+    for module, name in (("pipeline.plan", "RunMismatchError"), ("pipeline.stages.models", "CheckpointError"),
+                         ("pipeline.executors.slurm", "SlurmError"), ("pipeline.numerics", "NumericsMismatchError"),
+                         ("pipeline.stages.sam2_pin", "Sam2VersionError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -371,12 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         handler.setLevel(logging.INFO if args.verbose else logging.WARNING)
     # sam2 builds its position encodings with torch.jit.script, which torch now warns about at every build.
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
-    from pipeline.executors.slurm import SlurmError
     from pipeline.faults import EnvironmentFault
-    from pipeline.numerics import NumericsMismatchError
-    from pipeline.plan import RunMismatchError
-    from pipeline.stages.models import CheckpointError
-    from pipeline.stages.sam2_pin import Sam2VersionError
 
     try:
         return args.func(args)
@@ -384,8 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         # Not the items' fault: they stay pending. One line (the shard log has the traceback); exit 3.
         print(f"masklet: {e}; `masklet resume {getattr(args, 'out', 'OUT')}` once that is fixed", file=sys.stderr)
         return EXIT_ENVIRONMENT_FAULT
-    except (ConfigError, FileNotFoundError, ValueError, CheckpointError, RunMismatchError, SlurmError,
-            NumericsMismatchError, Sam2VersionError) as e:
+    except _input_errors() as e:
         # Input problems: one clear line (the message says the fix); -v shows the traceback too.
         if args.verbose:
             raise

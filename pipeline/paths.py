@@ -5,12 +5,15 @@
       numerics.json                 the run's reference numerics (device class, dtype, versions...), by its first commit
       random-weights.json           present when a worker loaded random weights (whatever the config said)
       manifest.parquet              the manifest rows this run was planned from (frozen copy)
-      plan.json                     the frozen shards (ids never depend on how many workers run them)
+      plan.json                     the frozen shards (ids never depend on how many workers run them); version 2:
+                                    each shard's row span of manifest.parquet, which is in shard order
       masks/                        Zarr v3 group; masks/<item_id> is a bool array (objects, frames, H, W)
-      meta/shard-00007/<item_id>/   one committed item: items.parquet, masklets.parquet, frames.parquet
+      meta/shard-00007/<item_id>/   one committed item: items.parquet, masklets.parquet, frames.parquet,
+                                    summary.json (store/summary.py: what `masklet status` reads)
       logs/shard-00007.log          one log per shard
       faults/shard-00007.json       why shard 7 stopped on an environment fault (pipeline/faults.py); removed
                                     when the shard next finishes cleanly
+      cache/items-<key>.parquet     open_run's items table of every shard in one file (a cache: see results.py)
       leases/shard-00007.lease      the shard's owner while a worker runs it (pipeline/store/lease.py)
       tmp/                          staging area; anything here is uncommitted
       tmp/shards/shard-00007/       the shard's staged commits, compactions and trash (its owner clears it)
@@ -115,6 +118,11 @@ class RunPaths:
     def shard_lease(self, shard_id: int) -> Path:
         """The lease naming the worker that owns a shard (pipeline/store/lease.py)."""
         return self.leases / f"shard-{shard_id:05d}.lease"
+
+    @property
+    def table_cache(self) -> Path:
+        """Whole-run tables `open_run` rebuilt from every shard's files, named by the files they came from."""
+        return self.root / "cache"
 
     def partial(self, item_id: str) -> Path:
         """Where a long item's checkpoint lives until the item is committed (pipeline/store/partial.py)."""

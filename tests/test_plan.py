@@ -39,7 +39,7 @@ def test_prepare_run_freezes_and_refuses_changes(tmp_path):
     cfg = load_config(None, ["plan.max_items_per_shard=2"])
     plan = prepare_run(tmp_path / "run", items, cfg)
     frozen = json.loads((tmp_path / "run" / "plan.json").read_text())
-    assert len(frozen["shards"]) == 3 and len(plan.shards) == 3
+    assert frozen["version"] == 2 and sorted(frozen["shards"]["num_items"]) == [1, 2, 2] and len(plan.shards) == 3
     again = prepare_run(tmp_path / "run", items, load_config(None, ["plan.max_items_per_shard=2", "retries=3"]))
     assert again.shards == plan.shards, "executor-side settings may change between launches"
     with pytest.raises(RunMismatchError, match="another config"):

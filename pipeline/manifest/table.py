@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.records import MediaItem, MediaKind
@@ -69,30 +72,31 @@ def drop_duplicate_paths(entries: Iterable[tuple], where: str) -> list:
 
 
 def items_to_table(items: Sequence[MediaItem]) -> pa.Table:
-    """The manifest table for `items`, with the explicit `MANIFEST_SCHEMA`."""
-    columns: dict[str, list[Any]] = {name: [] for name in MANIFEST_SCHEMA.names}
-    for item in items:
-        columns["item_id"].append(item.item_id)
-        columns["path"].append(display_path(item.path))
-        columns["kind"].append(item.kind)
-        columns["num_frames"].append(int(item.num_frames))
-        columns["fps"].append(item.fps)
-        columns["width"].append(int(item.width))
-        columns["height"].append(int(item.height))
-        columns["codec"].append(utf8_text(item.codec) if item.codec is not None else None)
-        columns["bytes"].append(int(item.bytes))
-        columns["error"].append(utf8_text(item.error) if item.error is not None else None)
-        columns["path_bytes"].append(None if _is_utf8(item.path) else os.fsencode(item.path))
+    """The manifest table for `items`, with the explicit `MANIFEST_SCHEMA` (built column by column: a million
+    items take seconds, not the half minute of row-wise appends)."""
+    columns: dict[str, list[Any]] = {
+        "item_id": [it.item_id for it in items],
+        "path": [it.path if it.path.isascii() else display_path(it.path) for it in items],
+        "kind": [it.kind for it in items],
+        "num_frames": [int(it.num_frames) for it in items],
+        "fps": [it.fps for it in items],
+        "width": [int(it.width) for it in items],
+        "height": [int(it.height) for it in items],
+        "codec": [utf8_text(it.codec) if it.codec is not None else None for it in items],
+        "bytes": [int(it.bytes) for it in items],
+        "error": [utf8_text(it.error) if it.error is not None else None for it in items],
+        "path_bytes": [None if it.path.isascii() or _is_utf8(it.path) else os.fsencode(it.path) for it in items],
+    }
     return pa.Table.from_pydict(columns, schema=MANIFEST_SCHEMA)
 
 
-def write_table_atomic(table: pa.Table, out_path: str) -> None:
+def write_table_atomic(table: pa.Table, out_path: str, row_group_size: int | None = None) -> None:
     """Write Parquet to a temporary name beside `out_path`, then rename: readers never see half a file."""
     parent = os.path.dirname(os.path.abspath(out_path))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(out_path)}.{os.getpid()}.tmp")
     try:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=row_group_size)
         publish(Path(tmp), Path(out_path))  # fsynced before the rename: a node crash cannot leave half a file
     except BaseException:
         if os.path.exists(tmp):
@@ -107,17 +111,40 @@ def manifest_fingerprint(items: Sequence[MediaItem]) -> str:
     since the same items make the same plan.
     """
     digest = hashlib.sha256()
+    length = struct.Struct("<Q").pack
+    chunk: list[bytes] = []
     for item in sorted(items, key=lambda it: it.item_id):
-        fields = (
-            item.item_id.encode("utf-8"),
-            os.fsencode(item.path),
-            str(int(item.num_frames)).encode(),
-            str(int(item.width)).encode(),
-            str(int(item.height)).encode(),
-            str(int(item.bytes)).encode(),
-        )
-        for field in fields:
-            # Length prefixes make the encoding unambiguous: no choice of separator can be forged by a name.
-            digest.update(len(field).to_bytes(8, "little"))
-            digest.update(field)
+        i, p = item.item_id.encode("utf-8"), os.fsencode(item.path)
+        n, w, h, b = (b"%d" % int(v) for v in (item.num_frames, item.width, item.height, item.bytes))
+        # Length prefixes make the encoding unambiguous: no choice of separator can be forged by a name.
+        chunk += (length(len(i)), i, length(len(p)), p, length(len(n)), n, length(len(w)), w,
+                  length(len(h)), h, length(len(b)), b)
+        if len(chunk) > 120_000:  # the same bytes as one update per field, hashed in fewer, larger calls
+            digest.update(b"".join(chunk))
+            chunk.clear()
+    digest.update(b"".join(chunk))
+    return digest.hexdigest()
+
+
+def table_fingerprint(table: pa.Table) -> str:
+    """`manifest_fingerprint` of the items of a manifest table (`MANIFEST_SCHEMA`), by Arrow kernels: the same
+    bytes hashed (checked in tests/test_scale.py), a million rows in about a second instead of ten."""
+    n = table.num_rows
+    order = pc.sort_indices(table["item_id"])  # UTF-8 byte order is code point order, Python's str order
+    rows = table.take(order)
+    path = rows["path"].cast(pa.binary())
+    if "path_bytes" in rows.column_names and rows["path_bytes"].null_count < n:
+        path = pc.coalesce(rows["path_bytes"], path)  # the exact name (os.fsencode) where it differs
+    fields = [rows["item_id"].cast(pa.binary()), path]
+    fields += [rows[name].cast(pa.string()).cast(pa.binary()) for name in ("num_frames", "width", "height", "bytes")]
+    parts = []
+    for f in fields:
+        lengths = np.asarray(pc.binary_length(f).to_numpy(zero_copy_only=False), dtype="<u8")
+        prefix = pa.FixedSizeBinaryArray.from_buffers(pa.binary(8), n, [None, pa.py_buffer(lengths.tobytes())])
+        parts += [prefix.cast(pa.binary()), f]
+    joined = pc.binary_join_element_wise(*parts, b"").combine_chunks() if n else pa.array([], pa.binary())
+    digest = hashlib.sha256()
+    if n:
+        offsets = np.frombuffer(joined.buffers()[1], dtype=np.int32)[joined.offset:joined.offset + n + 1]
+        digest.update(memoryview(joined.buffers()[2])[offsets[0]:offsets[-1]])
     return digest.hexdigest()

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from pipeline.paths import RunPaths
 from pipeline.store.atomic import publish
 from pipeline.store.lease import ShardLease
+from pipeline.store.summary import write_summary
 
 TABLES = ("items", "masklets", "frames")
 _COMPACTED = ".compacted-"
@@ -53,6 +54,7 @@ def _stage_tables(paths: RunPaths, shard_id: int, tag: str, tables: dict[str, pa
     try:
         for name in TABLES:
             pq.write_table(tables[name], stage / f"{name}.parquet")
+        write_summary(stage, tables)  # published by the same rename as the tables (for `masklet status`)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
