@@ -335,7 +335,7 @@ class MaskletSignals:
             if_visible = lambda x: float(x) if v else None  # noqa: E731
             if_pairs = lambda x: float(x) if pairs else None  # noqa: E731
             j = int(np.argmax(iou[i])) if n > 1 else -1
-            dup = j >= 0 and iou[i, j] >= 0
+            dup = j >= 0 and iou[i, j] > 0
             row = {
                 "object_id": p.object_id,
                 "prompt_predicted_iou": p.predicted_iou,
