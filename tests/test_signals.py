@@ -301,3 +301,19 @@ def test_prompt_signals_are_copied_from_the_prompt_record():
 def test_bad_input_is_refused_with_its_reason(call, message):
     with pytest.raises(ValueError, match=message):
         call(MaskletSignals(prompts(1), H, W))
+
+
+@pytest.mark.parametrize("width", [64, 50])  # whole 8-pixel words per row, and not
+def test_bounding_boxes_equal_the_extent_of_the_pixels(width):
+    from pipeline.quality.signals import bounding_boxes
+
+    rng = np.random.default_rng(2)
+    masks = np.zeros((5, 30, width), dtype=bool)
+    for k, (y, x) in enumerate([(0, 0), (29, width - 1), (3, 17), (10, 40)]):
+        masks[k, y, x] = True
+        masks[k, rng.integers(0, 30), rng.integers(0, width)] = True
+    boxes = bounding_boxes(masks)
+    for k in range(4):
+        ys, xs = np.nonzero(masks[k])
+        assert list(boxes[k]) == [ys.min(), ys.max() + 1, xs.min(), xs.max() + 1]
+    assert list(boxes[4]) == [0, 0, 0, 0]

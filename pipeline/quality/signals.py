@@ -141,13 +141,21 @@ class Signals:
 
 
 def bounding_boxes(masks: np.ndarray) -> np.ndarray:
-    """(O, H, W) bool -> (O, 4) int64 boxes y0, y1, x0, x1 (half-open); all 0 where the mask is empty."""
-    rows = masks.any(axis=2)
-    cols = masks.any(axis=1)
-    boxes = np.zeros((masks.shape[0], 4), dtype=np.int64)
-    for o in np.flatnonzero(rows.any(axis=1)):
-        ys, xs = np.flatnonzero(rows[o]), np.flatnonzero(cols[o])
-        boxes[o] = (ys[0], ys[-1] + 1, xs[0], xs[-1] + 1)
+    """(O, H, W) bool -> (O, 4) int64 boxes y0, y1, x0, x1 (half-open); all 0 where the mask is empty.
+
+    Rows are found on 8-pixel words where the row length allows it (8 times fewer elements to reduce;
+    `any` over bools is the accumulator's largest cost at 1080p), columns only within the rows found.
+    """
+    o, h, w = masks.shape
+    if w % 8 == 0 and masks.flags.c_contiguous:
+        rows = masks.view(np.uint64).any(axis=2)
+    else:
+        rows = masks.any(axis=2)
+    boxes = np.zeros((o, 4), dtype=np.int64)
+    for k in np.flatnonzero(rows.any(axis=1)):
+        ys = np.flatnonzero(rows[k])
+        xs = np.flatnonzero(masks[k, ys[0]:ys[-1] + 1].any(axis=0))
+        boxes[k] = (ys[0], ys[-1] + 1, xs[0], xs[-1] + 1)
     return boxes
 
 
@@ -239,7 +247,11 @@ class MaskletSignals:
             areas[k] = self._add_object(frame, int(i), masks[k], boxes[k], float(object_scores[k]))
         self._add_overlaps(idx, masks, boxes, areas)
         if len(idx):
-            coverage = float(np.count_nonzero(masks.any(axis=0))) / self.pixels
+            # The union is built inside each object's box: cheaper than any() over all O full planes.
+            covered = np.zeros((self.height, self.width), dtype=bool)
+            for k, (y0, y1, x0, x1) in enumerate(boxes):
+                covered[y0:y1, x0:x1] |= masks[k, y0:y1, x0:x1]
+            coverage = float(np.count_nonzero(covered)) / self.pixels
             self.coverage_n += 1
             self.coverage_sum += coverage
             self.coverage_min = min(self.coverage_min, coverage)
