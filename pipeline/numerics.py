@@ -275,7 +275,7 @@ def check_launch(paths: RunPaths, cfg: "RunConfig", allow_mixed: bool, command: 
 
 def record_allow_mixed(paths: RunPaths, command: str) -> None:
     """Mark the run as allowed to hold items of other numerics (kept for good: the dataset may now be mixed)."""
-    from pipeline.plan import _atomic_write_text as write_text_atomic  # the run.json writer
+    from pipeline.store.atomic import write_text_atomic  # the run.json writer (fsynced, renamed)
 
     snapshot = _snapshot(paths)
     if mixed_allowed(snapshot):
