@@ -89,3 +89,4 @@ class ItemResult:
     seconds_propagate: float = 0.0
     seconds_write: float = 0.0
     seconds_total: float = 0.0
+    object_batch: int | None = None  # objects per step the tracker really used (its sizing, the ladder's rung)

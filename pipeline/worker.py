@@ -186,14 +186,17 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models,
     if resume is not None:
         rows.extend(resume.rows)
     seconds_write = 0.0
+    tracked = None
     t_prop = time.perf_counter()
     try:
         if prompts and cfg.propagate.enabled:
-            options = attempt.rung.apply(models.track_options()) if attempt else models.track_options()
+            if attempt:  # the out-of-memory ladder's rung, over this item's own sizing
+                options = attempt.rung.apply(options)
             stream = track(model, itertools.chain([first], frames), num_frames, height, width, prompts,
                            source.source_frames, options,
                            resume=TrackerState.from_payload(resume.tracker) if resume else None,
                            keyframe=keyframe)
+            tracked = stream.stats
             if attempt:
                 attempt.tracked, attempt.offloaded = stream.stats, options.offload_state
             keyframe = None  # tracking holds it until its first frame is done, then drops it
@@ -259,7 +262,7 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models,
         width=width, height=height, stride=_stride(item, cfg), scale=float(source.scale),
         seconds_decode=frames.seconds, seconds_prompt=seconds_prompt,
         seconds_propagate=max(0.0, seconds_propagate), seconds_write=seconds_write,
-        seconds_total=time.perf_counter() - t_start,
+        seconds_total=time.perf_counter() - t_start, object_batch=(tracked.object_batch or None) if tracked else None,
     )
     return result, {"masklets": masklets, "frames": frames_table}
 
@@ -334,7 +337,7 @@ def _item_row(plan: RunPlan, shard_id: int, item: MediaItem, result: ItemResult,
         "checkpoint_sha256": loaded.checkpoint_sha256 if loaded else None,
         "random_weights": loaded.random_weights if loaded else cfg.model.random_weights, "device": str(loaded.device) if loaded else None,
         "device_class": n and n.device_class, "device_name": n and n.device_name, "autocast": n and n.autocast,
-        "object_batch": n and n.object_batch, "tf32": n and n.tf32, "compile": n and n.compile,
+        "object_batch": result.object_batch or (n and n.object_batch), "tf32": n and n.tf32, "compile": n and n.compile,
         "torch_version": n and n.torch, "sam2_version": n and n.sam2,
         "seconds_decode": result.seconds_decode, "seconds_prompt": result.seconds_prompt,
         "seconds_propagate": result.seconds_propagate, "seconds_write": result.seconds_write,

@@ -236,7 +236,7 @@ def test_a_full_output_file_system_stops_the_shard_and_resume_finishes_it(two_it
     original = MaskWriter._flush
 
     def full_disk(self):
-        if self._start == 2 and self._buffer:  # frames 2-3: after the checkpoint at frame 2
+        if self._start == 2 and self._held:  # frames 2-3: after the checkpoint at frame 2
             raise OSError(errno.ENOSPC, "No space left on device")
         original(self)
 

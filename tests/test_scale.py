@@ -26,6 +26,7 @@ from pipeline.status import StatusCache, format_status, run_status
 from pipeline.store import commit as commit_module
 from pipeline.store import metadata
 from pipeline.store.commit import commit_item, compact_shard, read_shard_table
+from pipeline.store.lease import acquire
 from pipeline.store.summary import SUMMARY_FILE, shard_summary, summarize
 
 
@@ -54,12 +55,29 @@ def _tables(item_id: str, shard_id: int, status: str = "done", n_frames: int = 2
             "frames": frames.table()}
 
 
+def _commit(paths, shard_id, item_id, tables) -> None:
+    """Commit as a worker does: under the shard's lease."""
+    lease = acquire(paths, shard_id)
+    try:
+        commit_item(paths, shard_id, item_id, tables, lease)
+    finally:
+        lease.release()
+
+
+def _compact(paths, shard_id) -> None:
+    lease = acquire(paths, shard_id)
+    try:
+        compact_shard(paths, shard_id, lease)
+    finally:
+        lease.release()
+
+
 def _commit_all(plan, failed=(), compact=True) -> None:
     for sid in plan.shard_ids:
         for item_id in plan.shard(sid).item_ids:
-            commit_item(plan.paths, sid, item_id, _tables(item_id, sid, "failed" if item_id in failed else "done"))
+            _commit(plan.paths, sid, item_id, _tables(item_id, sid, "failed" if item_id in failed else "done"))
         if compact:
-            compact_shard(plan.paths, sid)
+            _compact(plan.paths, sid)
 
 
 # --- the plan: a worker reads its shard's rows only ----------------------------------------------------------
@@ -181,7 +199,7 @@ def test_status_reads_summaries_that_equal_the_tables(tmp_path, monkeypatch):
     plan = prepare_run(tmp_path / "run", _items(30), _cfg(5))
     _commit_all(plan, failed={"it0004", "it0017"}, compact=False)
     for sid in plan.shard_ids[:-1]:  # the last shard keeps its item folders (a shard still running)
-        compact_shard(plan.paths, sid)
+        _compact(plan.paths, sid)
     sid = plan.shard_of("it0004")
     assert (sorted(plan.paths.shard_meta(sid).iterdir())[0] / SUMMARY_FILE).exists()
     expected = {s: summarize({"items": read_shard_table(plan.paths, s, "items", metadata.ITEMS_SCHEMA)})
@@ -199,7 +217,7 @@ def test_status_reads_summaries_that_equal_the_tables(tmp_path, monkeypatch):
 def test_status_falls_back_to_parquet_where_summaries_cannot_say(tmp_path):
     plan = prepare_run(tmp_path / "run", _items(10), _cfg(1))
     _commit_all(plan, failed={"it0002"})
-    commit_item(plan.paths, 0, "it0002", _tables("it0002", 0))  # a redo overrides a compacted failed row
+    _commit(plan.paths, 0, "it0002", _tables("it0002", 0))  # a redo overrides a compacted failed row
     st = run_status(plan.paths.root)[1][0]
     assert (st.done, st.failed, st.errors) == (10, 0, {})
     for summary in plan.paths.shard_meta(0).rglob(SUMMARY_FILE):  # folders written before summaries existed
@@ -226,15 +244,16 @@ def test_status_is_a_screen_with_shards_and_failed_on_request(tmp_path, capsys):
 
 def test_the_progress_bar_rereads_only_changed_shards(tmp_path, monkeypatch):
     plan = prepare_run(tmp_path / "run", _items(24), _cfg(6))
-    _commit_all(plan)
+    redo = plan.shard(2).item_ids[0]
+    _commit_all(plan, failed={redo})
     monkeypatch.setattr(StatusCache, "SETTLE_NS", 0)
     cache = StatusCache(plan)
-    assert sum(s.done for s in cache.refresh()) == 24 and cache.reads == 6
-    assert sum(s.done for s in cache.refresh()) == 24 and cache.reads == 6, "nothing changed: nothing read"
+    assert sum(s.done for s in cache.refresh()) == 23 and cache.reads == 6
+    assert sum(s.done for s in cache.refresh()) == 23 and cache.reads == 6, "nothing changed: nothing read"
     time.sleep(0.02)
-    commit_item(plan.paths, 2, plan.shard(2).item_ids[0], _tables(plan.shard(2).item_ids[0], 2, "failed"))
+    _commit(plan.paths, 2, redo, _tables(redo, 2))  # a redo of the failed item
     states = cache.refresh()
-    assert cache.reads == 7 and states[2].failed == 1 and sum(s.done for s in states) == 23
+    assert cache.reads == 7 and states[2].failed == 0 and sum(s.done for s in states) == 24
 
 
 def test_status_text_of_ten_thousand_shards_is_fast(tmp_path):
@@ -255,8 +274,8 @@ def test_status_text_of_ten_thousand_shards_is_fast(tmp_path):
 def test_open_run_scans_lazily_and_reads_one_item_from_its_shard(tmp_path, monkeypatch):
     plan = prepare_run(tmp_path / "run", _items(24), _cfg(4))
     _commit_all(plan, failed={"it0001"})
-    commit_item(plan.paths, plan.shard_of("it0001"), "it0001", _tables("it0001", plan.shard_of("it0001")))
-    commit_item(plan.paths, 0, plan.shard(0).item_ids[0], _tables(plan.shard(0).item_ids[0], 0, n_frames=5))
+    _commit(plan.paths, plan.shard_of("it0001"), "it0001", _tables("it0001", plan.shard_of("it0001")))
+    _commit(plan.paths, 0, plan.shard(0).item_ids[0], _tables(plan.shard(0).item_ids[0], 0, n_frames=5))
     res = open_run(plan.paths.root)
     whole = commit_module.read_table(plan.paths, "frames", metadata.FRAMES_SCHEMA)
     assert res.dataset("frames").count_rows() == whole.num_rows == 24 * 2 + 3
@@ -289,10 +308,10 @@ def test_items_are_read_from_one_cached_file_until_a_commit_changes_the_run(tmp_
     assert open_run(plan.paths.root).items.equals(first)
     monkeypatch.setattr(results_module, "_dataset", real)
     sid = plan.shard_of("it0003")
-    commit_item(plan.paths, sid, "it0003", _tables("it0003", sid))  # a redo: the run changed
+    _commit(plan.paths, sid, "it0003", _tables("it0003", sid))  # a redo: the run changed
     items = open_run(plan.paths.root).items
     assert dict(zip(items["item_id"].to_pylist(), items["status"].to_pylist()))["it0003"] == "done"
-    compact_shard(plan.paths, sid)
+    _compact(plan.paths, sid)
     assert open_run(plan.paths.root).items.sort_by("item_id").equals(items.sort_by("item_id"))
     assert len(list(plan.paths.table_cache.glob("items-*.parquet"))) == 1, "older versions are removed"
 
