@@ -9,7 +9,8 @@
                                     each shard's row span of manifest.parquet, which is in shard order
       masks/                        Zarr v3 group; masks/<item_id> is a bool array (objects, frames, H, W)
       meta/shard-00007/<item_id>/   one committed item: items.parquet, masklets.parquet, frames.parquet,
-                                    summary.json (store/summary.py: what `masklet status` reads)
+                                    summary.json (store/summary.py: what `masklet status` reads),
+                                    items.arrow (the items rows as Arrow: what open_run reads)
       logs/shard-00007.log          one log per shard
       faults/shard-00007.json       why shard 7 stopped on an environment fault (pipeline/faults.py); removed
                                     when the shard next finishes cleanly

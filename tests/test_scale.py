@@ -325,3 +325,34 @@ def test_the_benchmark_quick_variant_runs_and_meets_its_targets(capsys):
                  "open_run(OUT).items", "peak memory"):
         assert step in out, step
     assert "targets (wall seconds): met" in out and "targets (CPU seconds): met" in out
+
+
+def test_items_are_read_from_each_folders_arrow_copy_and_from_parquet_where_there_is_none(tmp_path):
+    import pyarrow.ipc as ipc
+
+    from pipeline.results import open_run
+
+    plan = prepare_run(tmp_path / "run", _items(12), _cfg(3))
+    _commit_all(plan, failed={"it0005"})
+    folders = sorted(plan.paths.meta.glob("shard-*/.compacted-*"))
+    assert len(folders) == 3
+    for d in folders:
+        with pa.OSFile(str(d / "items.arrow")) as f:
+            assert ipc.open_file(f).read_all().equals(pq.read_table(d / "items.parquet"))
+    # The Arrow copy is what open_run reads: a changed copy shows ...
+    d = folders[0]
+    changed = pq.read_table(d / "items.parquet")
+    changed = changed.set_column(changed.schema.get_field_index("error"), "error",
+                                 pa.array(["from arrow"] * changed.num_rows, pa.string()))
+    with pa.OSFile(str(d / "items.arrow"), "wb") as sink, ipc.new_file(sink, changed.schema) as w:
+        w.write_table(changed)
+    assert "from arrow" in open_run(plan.paths.root).items["error"].to_pylist()
+    # ... and a folder committed before there were Arrow copies is read from its Parquet file.
+    (d / "items.arrow").unlink()
+    for cache in plan.paths.table_cache.glob("*"):
+        cache.unlink()
+    items = open_run(plan.paths.root).items
+    assert items.num_rows == 12 and "from arrow" not in items["error"].to_pylist()
+    assert sorted(items["item_id"].to_pylist()) == sorted(pq.read_table(d / "items.parquet")["item_id"].to_pylist()
+                                                          + [i for f in folders[1:] for i in
+                                                             pq.read_table(f / "items.parquet")["item_id"].to_pylist()])
