@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,11 +31,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pipeline.config import ModelConfig, PromptConfig  # noqa: E402
 from pipeline.device import AMG_BYTES_PER_POINT_PIXEL, UPSAMPLE_BYTES_PER_OBJECT_PIXEL  # noqa: E402
 from pipeline.stages.models import load_model  # noqa: E402
 from pipeline.stages.prompt import make_generator  # noqa: E402
+from bench_propagation import _peak_live_bytes_cpu  # noqa: E402
 
 MiB = 1024**2
 
@@ -50,39 +51,7 @@ def peak_live_bytes(step, device: torch.device) -> int:
         step()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    class LiveBytes(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.live = self.peak = 0
-            self.counted: set[int] = set()
-
-        def _free(self, key: int, nbytes: int) -> None:
-            self.counted.discard(key)
-            self.live -= nbytes
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-            out = func(*args, **(kwargs or {}))
-            for t in tree_leaves(out):
-                if not isinstance(t, torch.Tensor):
-                    continue
-                storage = t.untyped_storage()
-                key = id(storage)
-                if key in inputs or key in self.counted:
-                    continue
-                self.counted.add(key)
-                self.live += storage.nbytes()
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(storage, self._free, key, storage.nbytes())
-            return out
-
-    mode = LiveBytes()
-    with mode:
-        step()
-    return mode.peak
+    return _peak_live_bytes_cpu(step)  # the propagation benchmark's counter of live tensor storage
 
 
 def slope(xs: list[float], ys: list[float]) -> float:
