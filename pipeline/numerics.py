@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.paths import RunPaths
+from pipeline.store.atomic import fsync_dir, fsync_file
 
 if TYPE_CHECKING:
     import torch
@@ -247,8 +248,10 @@ def claim_reference(plan: "RunPlan", numerics: Numerics) -> None:
                   "created_at": datetime.now(timezone.utc).isoformat()}
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         tmp.write_text(json.dumps(record, indent=1) + "\n")
+        fsync_file(tmp)  # on the disk before its name, like every file a commit publishes
         try:
             os.link(tmp, path)  # fails if it exists: the file appears whole, and only once
+            fsync_dir(path.parent)
             return
         except FileExistsError:
             pass
