@@ -39,7 +39,6 @@ import logging
 import os
 import re
 import socket
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,6 +47,7 @@ from typing import TYPE_CHECKING, Iterator, Literal
 from pipeline.config import PROFILES_DIR
 from pipeline.device import GiB, RESERVE_BYTES
 from pipeline.paths import RunPaths
+from pipeline.store.atomic import write_text_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -362,15 +362,12 @@ def write_shard_fault(paths: RunPaths, fault: ShardFault) -> bool:
     """Write the record atomically. It may not fit on a full or read-only file system: then say so in the log
     and return False (the exit status and the log still say what failed)."""
     path = paths.shard_fault(fault.shard_id)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(dataclasses.asdict(fault)) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(dataclasses.asdict(fault)) + "\n")
         return True
     except OSError as e:
         log.error("could not write %s (%s); the fault was: %s", path, one_line(e), fault.line)
-        tmp.unlink(missing_ok=True)
         return False
 
 

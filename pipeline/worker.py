@@ -15,7 +15,6 @@ import dataclasses
 import itertools
 import json
 import logging
-import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from pipeline.store import metadata
 from pipeline.store.commit import (CommitRefused, clear_staging, commit_item, compact_shard, committed_items,
                                    release_staging)
 from pipeline.store.lease import OwnerEnded, SchedulerTask, acquire
+from pipeline.store.atomic import write_text_atomic
 from pipeline.store.masks import MaskWriter
 from pipeline.store.partial import PartialItem
 
@@ -311,10 +311,8 @@ def _mark_random_weights(plan: RunPlan, model: LoadedModel) -> None:
     mark = plan.paths.random_weights_mark
     if mark.exists():
         return
-    tmp = mark.with_name(f".{mark.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"model": model.label, "checkpoint": model.checkpoint,
-                               "checkpoint_sha256": model.checkpoint_sha256}) + "\n")
-    os.replace(tmp, mark)
+    write_text_atomic(mark, json.dumps({"model": model.label, "checkpoint": model.checkpoint,
+                                        "checkpoint_sha256": model.checkpoint_sha256}) + "\n")
 
 
 def worker_numerics(models: Models) -> numerics.Numerics:
