@@ -172,6 +172,50 @@ class SlurmConfig:
 
 
 @dataclass(frozen=True)
+class QAConfig:
+    """`qa.*`: flag thresholds (pipeline/quality/flags.py) and run-health budgets (pipeline/quality/health.py).
+
+    Read after the model, from the stored signals: never part of a run's fingerprint, and `masklet qa OUT --set
+    qa.KEY=VALUE` changes them on a finished run (re-flagging it without the model). Checked on construction,
+    so a bad value fails where it is given, naming the key, the value and the valid range.
+    """
+
+    tiny_area: float = ranged(0.01, 0, 1)  # tiny: mean area share of the frame below this
+    huge_area: float = ranged(0.80, 0, 1)  # huge: mean area share above this (not below tiny_area)
+    fragmented_components: float = ranged(5.0, 1)  # fragmented: mean connected components at or above this
+    unstable_iou: float = ranged(0.6, 0, 1)  # unstable: mean frame-to-frame IoU below this
+    flicker_gaps: int = ranged(2, 1)  # flicker: this many disappear-and-reappear gaps ...
+    flicker_jumps: int = ranged(3, 1)  # ... or this many IoU jumps (frame-to-frame IoU < 0.5)
+    lost: bool = True  # flag masklets never visible after their prompt frame
+    duplicate_iou: float = ranged(0.9, 0, 1)  # duplicate: IoU with another masklet over shared frames >= this
+    low_score: float = ranged(0.7, 0, 1)  # low_score: the prompt's predicted IoU below this
+    # run health (alerts in `masklet report`)
+    frame_budget_ms: float = ranged(3000.0, 0, open_lo=True)  # alert: p95 ms per frame over this, per size bucket
+    score_median_min: float = ranged(0.85, 0, 1)  # alert: a score's median under this
+    score_low_share_max: float = ranged(0.15, 0, 1)  # alert: share of scores below qa.low_score over this
+    drift_max: float = ranged(0.2, 0, 1)  # alert: KS statistic between early and late items' scores over this
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            value, tp = getattr(self, f.name), hints[f.name]
+            ok = isinstance(value, bool) if tp is bool else (
+                not isinstance(value, bool) and isinstance(value, int if tp is int else (int, float)))
+            if not ok:
+                kind = {bool: "true or false", int: "an integer"}.get(tp, "a number")
+                raise ConfigError(f"qa.{f.name}={value!r} is out of range: expected {kind}")
+        check_ranges(self, "qa.")
+        if self.tiny_area > self.huge_area:
+            raise ConfigError(f"qa.tiny_area={self.tiny_area!r} is out of range: must not exceed "
+                              f"qa.huge_area={self.huge_area!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "QAConfig":
+        """From a mapping of qa keys; unknown keys are rejected and the valid ones listed."""
+        return _build(cls, values, prefix="qa.")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
@@ -182,6 +226,7 @@ class RunConfig:
     executor: str = "local"
     local: LocalExecutorConfig = field(default_factory=LocalExecutorConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    qa: QAConfig = field(default_factory=QAConfig)
     retries: int = ranged(1, 0)  # extra attempts for a failed item before it is recorded as failed
 
     def validate(self) -> "RunConfig":

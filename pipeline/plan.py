@@ -78,7 +78,7 @@ def _versions() -> dict:
 def config_fingerprint(cfg: RunConfig) -> str:
     """What must not change within a run: everything that decides the masks (not executor settings)."""
     d = config_to_dict(cfg)
-    for volatile in ("executor", "local", "slurm", "retries"):
+    for volatile in ("executor", "local", "slurm", "retries", "qa"):  # qa: read after the model (masklet qa)
         d.pop(volatile, None)
     for volatile in ("device", "threads", "cache_dir", "allow_download"):
         d["model"].pop(volatile, None)

@@ -95,7 +95,8 @@ def test_every_numeric_key_declares_a_range_and_refuses_values_outside_it(key, f
     is_int = int in (typing.get_args(tp) or (tp,))
     for value in edges:
         value = int(value) if is_int else float(value)
-        extra = ["store.compressor=zstd"] if key == "store.level" else []  # blosc stops at 9 (below)
+        extra = {"store.level": ["store.compressor=zstd"],  # blosc stops at 9 (below)
+                 "qa.tiny_area": ["qa.huge_area=1"], "qa.huge_area": ["qa.tiny_area=0"]}.get(key, [])
         load_config(None, [f"{key}={value}", *extra])
 
 

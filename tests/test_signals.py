@@ -2,6 +2,7 @@
 whole-array computation written independently (full frames, no boxes, no running sums)."""
 from __future__ import annotations
 
+import io
 import math
 import pickle
 
@@ -285,7 +286,7 @@ def test_prompt_signals_are_copied_from_the_prompt_record():
     acc = MaskletSignals([p], H, W)
     r = acc.finish().masklets.to_pylist()[0]
     assert (r["prompt_fg_points"], r["prompt_bg_points"]) == (3, 2)
-    assert r["prompt_predicted_iou"] == pytest.approx(0.8)
+    assert r["predicted_iou"] == pytest.approx(0.8)
     assert r["prompt_area_share"] == pytest.approx(200 / (H * W))
     assert r["frames_tracked"] == 0 and r["visible_share"] is None
 
@@ -317,3 +318,36 @@ def test_bounding_boxes_equal_the_extent_of_the_pixels(width):
         ys, xs = np.nonzero(masks[k])
         assert list(boxes[k]) == [ys.min(), ys.max() + 1, xs.min(), xs.max() + 1]
     assert list(boxes[4]) == [0, 0, 0, 0]
+
+
+def test_state_restores_to_identical_signals():
+    """A checkpoint's state, restored into a fresh accumulator, goes on to exactly the uninterrupted result."""
+    rng = np.random.default_rng(7)
+    h, w, n = 40, 56, 4
+    prompts = [PromptSignals(i, 0, 0.9, 0.95, 30) for i in range(n)]
+    frames = []
+    for t in range(12):
+        masks = np.zeros((n, h, w), dtype=bool)
+        for i in range(n):
+            if rng.random() > 0.2:
+                y, x = rng.integers(0, h - 10), rng.integers(0, w - 10)
+                masks[i, y:y + rng.integers(2, 10), x:x + rng.integers(2, 10)] = True
+        frames.append((t, masks, rng.normal(size=n).astype(np.float32)))
+    whole = MaskletSignals(prompts, h, w)
+    for t, m, sc in frames:
+        whole.add(t, list(range(n)), m, sc)
+    first = MaskletSignals(prompts, h, w, keep_rows=False)
+    for t, m, sc in frames[:5]:
+        first.add(t, list(range(n)), m, sc)
+    state = first.state()
+    buffer = io.BytesIO()
+    np.savez(buffer, **state)
+    buffer.seek(0)
+    loaded = dict(np.load(buffer, allow_pickle=False))
+    resumed = MaskletSignals(prompts, h, w, keep_rows=False).restore(loaded)
+    for t, m, sc in frames[5:]:
+        resumed.add(t, list(range(n)), m, sc)
+    assert resumed.finish().masklets.equals(whole.finish().masklets)
+    assert resumed.finish().item.equals(whole.finish().item)
+    with pytest.raises(ValueError, match="signals state is for 40x56"):
+        MaskletSignals(prompts, h, w + 1).restore(loaded)

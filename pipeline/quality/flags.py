@@ -6,7 +6,7 @@ them if present. Nothing else changes, so a finished run can be re-flagged with 
 model or the masks. Signals that are null (a masklet never visible has no area, no IoU) never fire a flag
 except `lost`.
 
-Flags (thresholds are QAConfig fields):
+Flags (thresholds are `qa.*` keys, pipeline.config.QAConfig):
 - tiny:         area_share_mean < tiny_area             (mean share of the frame over visible frames)
 - huge:         area_share_mean > huge_area
 - fragmented:   components_mean >= fragmented_components (8-connected regions, mean over visible frames)
@@ -15,76 +15,31 @@ Flags (thresholds are QAConfig fields):
 - lost:         frames_tracked_after_prompt > 0 and frames_visible_after_prompt == 0
                 (tracked past its prompt frame and never seen there); lost=False turns it off
 - duplicate:    dup_iou >= duplicate_iou                (both masklets of a duplicate pair are flagged)
-- low_score:    prompt_predicted_iou < low_score
+- low_score:    predicted_iou < low_score
 
 Review priority (higher = look first):
     review_priority = number of flags + (1 - confidence)
-    confidence = clip(prompt_predicted_iou, 0, 1) * visible_share * iou_mean   (a null counts as 0)
+    confidence = clip(predicted_iou, 0, 1) * visible_share * iou_mean   (a null counts as 0)
 No masklet ranks above one with more flags (confidence is in [0, 1]); among masklets with as many
 flags, the least confident comes first.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-
 import numpy as np
 import pyarrow as pa
+
+from pipeline.config import QAConfig  # the thresholds: `qa.*` of the run config
+
+__all__ = ["FLAG_NAMES", "QAConfig", "flag_arrays", "flag_masklets", "review_priority"]
 
 FLAG_NAMES = ("tiny", "huge", "fragmented", "unstable", "flicker", "lost", "duplicate", "low_score")
 
 # The signal columns flag_masklets reads; a table without one of them cannot be flagged.
 REQUIRED_COLUMNS = (
     "area_share_mean", "components_mean", "iou_mean", "visibility_gaps", "iou_jumps",
-    "frames_tracked_after_prompt", "frames_visible_after_prompt", "dup_iou", "prompt_predicted_iou",
+    "frames_tracked_after_prompt", "frames_visible_after_prompt", "dup_iou", "predicted_iou",
     "visible_share",
 )
-
-
-@dataclass(frozen=True)
-class QAConfig:
-    """Flag thresholds. Each field's comment gives its range; `validate` (run on construction) checks them."""
-
-    tiny_area: float = 0.01  # [0, 1]: tiny below this mean share of the frame
-    huge_area: float = 0.80  # [0, 1]: huge above this mean share of the frame (must exceed tiny_area)
-    fragmented_components: float = 5  # [1, inf): fragmented at or above this mean count of components
-    unstable_iou: float = 0.6  # [0, 1]: unstable below this mean frame-to-frame IoU
-    flicker_gaps: int = 2  # [1, inf): flicker at this many disappear-and-reappear gaps
-    flicker_jumps: int = 3  # [1, inf): ... or at this many IoU jumps (IoU < the accumulator's jump_iou)
-    lost: bool = True  # flag masklets never visible after their prompt frame
-    duplicate_iou: float = 0.9  # [0, 1]: duplicate at or above this IoU with another masklet over shared frames
-    low_score: float = 0.7  # [0, 1]: low_score below this predicted IoU of the prompt
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        unit = (0.0, 1.0)
-        ranges = {
-            "tiny_area": unit, "huge_area": unit, "unstable_iou": unit, "duplicate_iou": unit, "low_score": unit,
-            "fragmented_components": (1, float("inf")), "flicker_gaps": (1, float("inf")),
-            "flicker_jumps": (1, float("inf")),
-        }
-        for key, (lo, hi) in ranges.items():
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-                raise ValueError(f"qa.{key}={value!r} out of range [{lo}, {hi}]")
-        for key in ("flicker_gaps", "flicker_jumps"):
-            if not isinstance(getattr(self, key), int):
-                raise ValueError(f"qa.{key}={getattr(self, key)!r} out of range: an integer in [1, inf]")
-        if not isinstance(self.lost, bool):
-            raise ValueError(f"qa.lost={self.lost!r} out of range: true or false")
-        if self.tiny_area >= self.huge_area:
-            raise ValueError(f"qa.tiny_area={self.tiny_area} out of range: must be below qa.huge_area="
-                             f"{self.huge_area}")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "QAConfig":
-        """From a config mapping; unknown keys are rejected and the valid ones listed."""
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(values) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown qa key(s) {unknown}; valid keys: {valid}")
-        return cls(**values)
 
 
 def _column(table: pa.Table, name: str) -> np.ndarray:
@@ -113,7 +68,7 @@ def flag_arrays(table: pa.Table, qa: QAConfig) -> dict[str, np.ndarray]:
         "flicker": (c["visibility_gaps"] >= qa.flicker_gaps) | (c["iou_jumps"] >= qa.flicker_jumps),
         "lost": (qa.lost & (c["frames_tracked_after_prompt"] > 0) & (c["frames_visible_after_prompt"] == 0)),
         "duplicate": c["dup_iou"] >= qa.duplicate_iou,
-        "low_score": c["prompt_predicted_iou"] < qa.low_score,
+        "low_score": c["predicted_iou"] < qa.low_score,
     }
 
 
@@ -121,7 +76,7 @@ def review_priority(table: pa.Table, flags: dict[str, np.ndarray]) -> np.ndarray
     """Number of flags + (1 - confidence), confidence = clip(predicted IoU, 0, 1) * visible_share * iou_mean."""
     count = np.sum([flags[name] for name in FLAG_NAMES], axis=0) if len(table) else np.zeros(0)
     parts = [np.clip(np.nan_to_num(_column(table, name), nan=0.0), 0.0, 1.0)
-             for name in ("prompt_predicted_iou", "visible_share", "iou_mean")]
+             for name in ("predicted_iou", "visible_share", "iou_mean")]
     confidence = parts[0] * parts[1] * parts[2]
     return count + (1.0 - confidence)
 

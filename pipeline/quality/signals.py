@@ -45,8 +45,8 @@ DEFAULT_JUMP_IOU = 0.5
 MASKLET_SIGNALS_SCHEMA = pa.schema([
     ("object_id", pa.int32()),
     # prompt: copied from the prompt record
-    ("prompt_predicted_iou", pa.float32()),
-    ("prompt_stability_score", pa.float32()),
+    ("predicted_iou", pa.float32()),
+    ("stability_score", pa.float32()),
     ("prompt_area_share", pa.float64()),
     ("prompt_fg_points", pa.int32()),
     ("prompt_bg_points", pa.int32()),
@@ -132,6 +132,16 @@ class Shape:
 
 
 @dataclass(frozen=True)
+class FrameSignals:
+    """What `MaskletSignals.add` returns for one frame, in the order of the objects fed: their areas, their
+    boxes (y0, y1, x0, x1, half-open; zeros when empty) and their FRAME_SIGNALS_SCHEMA row values."""
+
+    areas: np.ndarray  # (O,) int64
+    boxes: np.ndarray  # (O, 4) int64
+    rows: dict[str, list]
+
+
+@dataclass(frozen=True)
 class Signals:
     """What `MaskletSignals.finish` returns: Arrow tables with the schemas above."""
 
@@ -195,7 +205,7 @@ class MaskletSignals:
     """
 
     def __init__(self, prompts: Sequence[PromptSignals], height: int, width: int,
-                 jump_iou: float = DEFAULT_JUMP_IOU):
+                 jump_iou: float = DEFAULT_JUMP_IOU, keep_rows: bool = True):
         if not 0.0 <= jump_iou <= 1.0:
             raise ValueError(f"jump_iou={jump_iou} out of range [0, 1]")
         if height <= 0 or width <= 0:
@@ -224,10 +234,14 @@ class MaskletSignals:
         self.prev: list[tuple[np.ndarray, np.ndarray] | None] = [None] * n  # (box, cropped mask) if visible
         self.last_frame = -1
         self.coverage_n, self.coverage_sum, self.coverage_min = 0, 0.0, math.inf
+        # Per-frame rows are kept here unless the caller keeps them itself (the worker's frame rows do, from
+        # what `add` returns), so that a long video holds them once.
+        self.keep_rows = keep_rows
         self.rows: dict[str, list] = {name: [] for name in FRAME_SIGNALS_SCHEMA.names}
 
-    def add(self, frame: int, object_ids: Sequence[int], masks: np.ndarray, object_scores: np.ndarray) -> None:
-        """Feed one frame: `masks` (O, H, W) bool for `object_ids`, `object_scores` (O,) (NaN: no score)."""
+    def add(self, frame: int, object_ids: Sequence[int], masks: np.ndarray, object_scores: np.ndarray) -> FrameSignals:
+        """Feed one frame: `masks` (O, H, W) bool for `object_ids`, `object_scores` (O,) (NaN: no score).
+        Returns this frame's areas, boxes and per-frame rows."""
         if masks.dtype != np.bool_ or masks.ndim != 3 or masks.shape[1:] != (self.height, self.width):
             raise ValueError(f"frame {frame}: masks must be bool (O, {self.height}, {self.width}), "
                              f"got {masks.dtype} {masks.shape}")
@@ -243,8 +257,12 @@ class MaskletSignals:
         self.last_frame = frame
         boxes = bounding_boxes(masks)
         areas = np.zeros(len(idx), dtype=np.int64)
+        rows: dict[str, list] = {name: [] for name in FRAME_SIGNALS_SCHEMA.names}
         for k, i in enumerate(idx):
-            areas[k] = self._add_object(frame, int(i), masks[k], boxes[k], float(object_scores[k]))
+            areas[k] = self._add_object(frame, int(i), masks[k], boxes[k], float(object_scores[k]), rows)
+        if self.keep_rows:
+            for name, values in rows.items():
+                self.rows[name].extend(values)
         self._add_overlaps(idx, masks, boxes, areas)
         if len(idx):
             # The union is built inside each object's box: cheaper than any() over all O full planes.
@@ -255,8 +273,10 @@ class MaskletSignals:
             self.coverage_n += 1
             self.coverage_sum += coverage
             self.coverage_min = min(self.coverage_min, coverage)
+        return FrameSignals(areas, boxes, rows)
 
-    def _add_object(self, frame: int, i: int, mask: np.ndarray, box: np.ndarray, score: float) -> int:
+    def _add_object(self, frame: int, i: int, mask: np.ndarray, box: np.ndarray, score: float,
+                    r: dict[str, list]) -> int:
         s = shape_of(mask, box)
         p = self.prompts[i]
         self.tracked[i] += 1
@@ -304,7 +324,6 @@ class MaskletSignals:
             if self.visible[i]:
                 self.in_gap[i] = True
             self.prev[i] = None
-        r = self.rows
         r["object_id"].append(p.object_id)
         r["frame"].append(frame)
         r["area_share"].append(share)
@@ -333,6 +352,49 @@ class MaskletSignals:
         self.inter[grid] += inter
         self.union[grid] += union - inter
 
+    # The running statistics, as named arrays (np.savez-able, no pickle): what a checkpoint keeps.
+    _STATE = ("tracked", "visible", "tracked_after", "visible_after", "share_sum", "share_min", "share_max",
+              "perimeter_sum", "complexity_sum", "complexity_max", "components_sum", "components_max",
+              "holes_max", "border", "gaps", "in_gap", "iou_pairs", "iou_sum", "iou_min", "jumps",
+              "area_change_max", "score_n", "score_sum", "score_min", "inter", "union")
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Everything but the per-frame rows (the worker checkpoints those with its frame rows), as arrays.
+        `restore` with the same prompts and frame size continues exactly where this left off."""
+        out = {name: np.array(getattr(self, name)) for name in self._STATE}
+        out["prev_boxes"] = np.array([p[0] if p is not None else (-1, -1, -1, -1) for p in self.prev],
+                                     dtype=np.int64).reshape(len(self.prev), 4)
+        crops = [p[1].ravel() for p in self.prev if p is not None]
+        out["prev_bits"] = np.packbits(np.concatenate(crops)) if crops else np.zeros(0, dtype=np.uint8)
+        out["scalars"] = np.array([self.last_frame, self.coverage_n, self.coverage_sum, self.coverage_min,
+                                   self.jump_iou, self.height, self.width], dtype=np.float64)
+        return out
+
+    def restore(self, state: dict[str, np.ndarray]) -> "MaskletSignals":
+        """Load `state()` into this accumulator (built with the same prompts and frame size); returns it."""
+        last, cov_n, cov_sum, cov_min, jump_iou, height, width = (float(v) for v in state["scalars"])
+        if (int(height), int(width)) != (self.height, self.width) or jump_iou != self.jump_iou:
+            raise ValueError(f"signals state is for {int(height)}x{int(width)} frames and jump_iou={jump_iou}, "
+                             f"this accumulator for {self.height}x{self.width} and {self.jump_iou}")
+        n = len(self.prompts)
+        for name in self._STATE:
+            value = np.asarray(state[name])
+            if value.shape != np.shape(getattr(self, name)):
+                raise ValueError(f"signals state {name} has shape {value.shape}, expected "
+                                 f"{np.shape(getattr(self, name))} for {n} prompts")
+            setattr(self, name, value.astype(getattr(self, name).dtype, copy=True))
+        bits = np.unpackbits(np.asarray(state["prev_bits"], dtype=np.uint8))
+        at, self.prev = 0, [None] * n
+        for i, box in enumerate(np.asarray(state["prev_boxes"], dtype=np.int64)):
+            if box[0] < 0:
+                continue
+            size = int((box[1] - box[0]) * (box[3] - box[2]))
+            self.prev[i] = (box.copy(), bits[at:at + size].astype(bool).reshape(box[1] - box[0], box[3] - box[2]))
+            at += size
+        self.last_frame, self.coverage_n = int(last), int(cov_n)
+        self.coverage_sum, self.coverage_min = cov_sum, cov_min
+        return self
+
     def finish(self) -> Signals:
         """Per-masklet, per-frame and per-item tables of everything fed so far."""
         n = len(self.prompts)
@@ -350,8 +412,8 @@ class MaskletSignals:
             dup = j >= 0 and iou[i, j] > 0
             row = {
                 "object_id": p.object_id,
-                "prompt_predicted_iou": p.predicted_iou,
-                "prompt_stability_score": p.stability_score,
+                "predicted_iou": p.predicted_iou,
+                "stability_score": p.stability_score,
                 "prompt_area_share": p.area / self.pixels,
                 "prompt_fg_points": p.fg_points,
                 "prompt_bg_points": p.bg_points,

@@ -1,10 +1,21 @@
 """Parquet tables with explicit schemas: items, masklets (one row per object) and frames (one row per
 object per frame). Pure functions from records to Arrow tables; the commit module writes them.
+
+The quality signals (pipeline/quality/signals.py) are columns of the same tables: computed in the worker
+from the masks in memory, with the masklets' flags and review priority (pipeline/quality/flags.py) computed
+from them at commit time (`masklet qa` recomputes those two from the stored signals).
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pyarrow as pa
+
+from pipeline.config import QAConfig
+from pipeline.quality.flags import flag_masklets
+from pipeline.quality.signals import (FRAME_SIGNALS_SCHEMA, ITEM_SIGNALS_SCHEMA, MASKLET_SIGNALS_SCHEMA,
+                                      MaskletSignals)
 
 ITEMS_SCHEMA = pa.schema([
     ("item_id", pa.string()),
@@ -41,12 +52,16 @@ ITEMS_SCHEMA = pa.schema([
     ("seconds_decode", pa.float64()),
     ("seconds_prompt", pa.float64()),
     ("seconds_propagate", pa.float64()),
-    ("seconds_write", pa.float64()),
+    ("seconds_write", pa.float64()),  # writing masks and computing signals, in the writer thread
+    ("seconds_signals", pa.float64()),  # of which the quality signals
     ("seconds_total", pa.float64()),
+    # quality (pipeline/quality/signals.py): share of each frame's pixels under any masklet
+    ("coverage_mean", pa.float64()),
+    ("coverage_min", pa.float64()),
     ("finished_at", pa.timestamp("ms", tz="UTC")),
 ])
 
-MASKLETS_SCHEMA = pa.schema([
+_MASKLETS_BASE = pa.schema([
     ("item_id", pa.string()),
     ("object_id", pa.int32()),
     ("masklet_id", pa.string()),  # "<item_id>/<object_id>": stable across runs of the same plan
@@ -66,7 +81,16 @@ MASKLETS_SCHEMA = pa.schema([
     ("area_max", pa.int64()),
 ])
 
-FRAMES_SCHEMA = pa.schema([
+# Every masklet signal (the ones named like a base column are the same values: predicted_iou,
+# stability_score, frames_visible), then the flags and priority computed from them.
+MASKLETS_SCHEMA = pa.schema([
+    *_MASKLETS_BASE,
+    *(f for f in MASKLET_SIGNALS_SCHEMA if f.name not in _MASKLETS_BASE.names),
+    pa.field("flags", pa.list_(pa.string())),
+    pa.field("review_priority", pa.float64()),
+])
+
+_FRAMES_BASE = pa.schema([
     ("item_id", pa.string()),
     ("object_id", pa.int32()),
     ("frame", pa.int32()),  # position on the Zarr time axis
@@ -78,6 +102,9 @@ FRAMES_SCHEMA = pa.schema([
     ("bbox_h", pa.int32()),
     ("object_score", pa.float32()),  # SAM 2 object-presence logit (> 0: the model thinks it is present)
 ])
+
+FRAMES_SCHEMA = pa.schema([*_FRAMES_BASE, *(f for f in FRAME_SIGNALS_SCHEMA if f.name not in _FRAMES_BASE.names)])
+_FRAME_SIGNAL_NAMES = [f.name for f in FRAME_SIGNALS_SCHEMA if f.name not in _FRAMES_BASE.names]
 
 
 def mask_stats(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -94,15 +121,30 @@ def mask_stats(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class FrameRows:
-    """Accumulates per-frame rows column-wise while an item is propagated."""
+    """Accumulates per-frame rows column-wise while an item is propagated; with `signals`, feeds each frame to
+    that accumulator too and keeps its per-frame signal columns (areas and boxes come from it, once)."""
 
-    def __init__(self, item_id: str):
+    def __init__(self, item_id: str, signals: MaskletSignals | None = None):
         self.item_id = item_id
+        self.signals = signals
+        self.seconds_signals = 0.0
         self.cols: dict[str, list] = {name: [] for name in FRAMES_SCHEMA.names}
 
     def add(self, frame: int, source_frame: int, object_ids, masks: np.ndarray, scores: np.ndarray) -> None:
-        areas, boxes = mask_stats(masks)
         n = len(object_ids)
+        if self.signals is not None:
+            t0 = time.perf_counter()
+            fs = self.signals.add(frame, object_ids, masks, scores)
+            self.seconds_signals += time.perf_counter() - t0
+            areas = fs.areas
+            boxes = np.stack([fs.boxes[:, 2], fs.boxes[:, 0], fs.boxes[:, 3] - fs.boxes[:, 2],
+                              fs.boxes[:, 1] - fs.boxes[:, 0]], axis=1).astype(np.int32).reshape(n, 4)
+            for name in _FRAME_SIGNAL_NAMES:
+                self.cols[name].extend(fs.rows[name])
+        else:
+            areas, boxes = mask_stats(masks)
+            for name in _FRAME_SIGNAL_NAMES:
+                self.cols[name].extend([None] * n)
         self.cols["item_id"].extend([self.item_id] * n)
         self.cols["object_id"].extend(object_ids)
         self.cols["frame"].extend([frame] * n)
@@ -125,12 +167,15 @@ class FrameRows:
             self.cols[name].extend(table.column(name).to_pylist())
 
 
-def masklets_table(item_id: str, prompts, source_frames: list[int], frames: pa.Table) -> pa.Table:
-    """One row per prompted object, with track statistics derived from that item's frame rows."""
+def masklets_table(item_id: str, prompts, source_frames: list[int], frames: pa.Table,
+                   signals: pa.Table | None = None, qa: QAConfig | None = None) -> pa.Table:
+    """One row per prompted object, with track statistics derived from that item's frame rows, the masklet
+    signals (`signals`: MaskletSignals.finish().masklets, in prompt order; nulls without) and the flags and
+    review priority they give under `qa` (the run's thresholds)."""
     obj = np.asarray(frames.column("object_id").to_numpy(zero_copy_only=False))
     frm = np.asarray(frames.column("frame").to_numpy(zero_copy_only=False))
     area = np.asarray(frames.column("area").to_numpy(zero_copy_only=False))
-    rows = {name: [] for name in MASKLETS_SCHEMA.names}
+    rows = {name: [] for name in _MASKLETS_BASE.names}
     for p in prompts:
         sel = (obj == p.object_id) & (area > 0)
         vis_frames, vis_area = frm[sel], area[sel]
@@ -151,7 +196,20 @@ def masklets_table(item_id: str, prompts, source_frames: list[int], frames: pa.T
         rows["area_mean"].append(float(vis_area.mean()) if len(vis_area) else 0.0)
         rows["area_min"].append(int(vis_area.min()) if len(vis_area) else 0)
         rows["area_max"].append(int(vis_area.max()) if len(vis_area) else 0)
-    return pa.table(rows, schema=MASKLETS_SCHEMA)
+    table = pa.table(rows, schema=_MASKLETS_BASE)
+    extra = [f for f in MASKLETS_SCHEMA if f.name not in _MASKLETS_BASE.names and f.name not in
+             ("flags", "review_priority")]
+    if signals is not None:
+        if signals.column("object_id").to_pylist() != [p.object_id for p in prompts]:
+            raise ValueError(f"item {item_id}: the signals' objects {signals.column('object_id').to_pylist()} "
+                             f"are not the prompts' {[p.object_id for p in prompts]}")
+        for f in extra:
+            table = table.append_column(f, signals.column(f.name).cast(f.type))
+        return flag_masklets(table, qa or QAConfig()).cast(MASKLETS_SCHEMA)
+    for f in extra:
+        table = table.append_column(f, pa.nulls(len(table), f.type))
+    table = table.append_column(pa.field("flags", pa.list_(pa.string())), pa.nulls(len(table), pa.list_(pa.string())))
+    return table.append_column(pa.field("review_priority", pa.float64()), pa.nulls(len(table), pa.float64()))
 
 
 def items_table(rows: list[dict]) -> pa.Table:
