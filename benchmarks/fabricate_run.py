@@ -206,7 +206,7 @@ def _frame_rows(rng, items, num_obj, masklets: pa.Table, failed) -> pa.Table:
 
 
 def commit_shards(args) -> None:
-    root, spec, shards, qa, random_weights = args
+    root, spec, shards, qa, random_weights, edit = args
     paths = RunPaths.of(root)
     from pipeline.plan import load_run
 
@@ -215,6 +215,8 @@ def commit_shards(args) -> None:
     for shard_id in shards:
         items = list(plan.shard_items(shard_id).values())
         tables = shard_tables(spec, shard_id, items, [index[it.item_id] for it in items], qa, random_weights)
+        if edit is not None:
+            tables = edit(shard_id, tables)
         lease = acquire(paths, shard_id)  # as a worker does: commits and compactions only under the lease
         try:
             commit_item(paths, shard_id, "fabricated-rows", tables, lease)
@@ -224,9 +226,11 @@ def commit_shards(args) -> None:
 
 
 def fabricate_run(out: str | Path, spec: Spec, *, items: list[MediaItem] | None = None, random_weights: bool = False,
-                  commit: list[int] | None = None, workers: int = 1, overrides: list[str] | None = None):
+                  commit: list[int] | None = None, workers: int = 1, overrides: list[str] | None = None,
+                  edit=None):
     """Plan `spec.items` items (or `items`) under `out` and commit the shards in `commit` (default: all; fewer
-    leave a run in flight). Returns the plan."""
+    leave a run in flight). `edit(shard_id, tables) -> tables` changes a shard's rows before they are committed
+    (tests set columns to values they computed by hand; with workers > 1 it must pickle). Returns the plan."""
     from pipeline.plan import prepare_run
 
     cfg = load_config(None, [f"plan.num_shards={spec.shards}", *(overrides or [])])
@@ -236,7 +240,7 @@ def fabricate_run(out: str | Path, spec: Spec, *, items: list[MediaItem] | None 
 
         write_text_atomic(plan.paths.random_weights_mark, '{"random_weights": true, "why": "fabricated"}')
     todo = plan.shard_ids if commit is None else commit
-    chunks = [(str(out), spec, todo[w::workers], cfg.qa, random_weights) for w in range(workers)]
+    chunks = [(str(out), spec, todo[w::workers], cfg.qa, random_weights, edit) for w in range(workers)]
     if workers == 1:
         commit_shards(chunks[0])
     else:
