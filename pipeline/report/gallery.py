@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 THUMB_HEIGHT = 180
-OUTLINE_RGB = (255, 40, 40)
+OUTLINE_RGB = (255, 0, 255)  # magenta over a dark edge: visible on light and dark frames alike
 
 
 def pick_frames(row: dict, frames) -> list[tuple[int, str]]:
@@ -42,6 +42,7 @@ def outline(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
         m = cv2.resize(m, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_NEAREST)
     contours, _ = cv2.findContours(m, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
     thick = max(1, round(img.shape[0] / THUMB_HEIGHT * 2))
+    cv2.drawContours(img, contours, -1, (0, 0, 0), thick + 2)
     cv2.drawContours(img, contours, -1, OUTLINE_RGB, thick)
     if img.shape[0] != THUMB_HEIGHT:
         w = max(1, round(img.shape[1] * THUMB_HEIGHT / img.shape[0]))
