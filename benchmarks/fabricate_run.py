@@ -72,7 +72,7 @@ def shard_tables(spec: Spec, shard_id: int, items: list[MediaItem], first_index:
     ramp = spec.drift * pos / max(1, spec.items - 1)  # 0 for the first item, drift for the last
     failed = rng.random(n) < spec.fail_share
     attempts = np.where(rng.random(n) < spec.retry_share, rng.integers(2, 4, n), 1).astype(np.int32)
-    per_item = spec.masklets / spec.items
+    per_item = spec.masklets / (spec.items * (1 - spec.fail_share))  # failed items have none
     num_obj = np.where(failed, 0, rng.poisson(per_item, n)).astype(np.int32)
     frames = np.array([it.num_frames for it in items], dtype=np.int32)
     width = np.array([it.width for it in items], dtype=np.int32)

@@ -234,6 +234,23 @@ class _ScoreGroups:
         self.counts[:groups, score_index] += add.reshape(groups, self.bins)
 
 
+def _coalesce(batches, rows: int):
+    """Tables of at least `rows` rows (the last may be shorter) from a stream of record batches: a shard's
+    file gives a batch of a few thousand rows, and each batch pays a fixed cost (the item-id lookup builds
+    a hash of every item id: 1,000 such batches cost 4.6 of 8 seconds, measured at 100,000 items)."""
+    held, n = [], 0
+    for batch in batches:
+        if not len(batch):
+            continue
+        held.append(batch)
+        n += len(batch)
+        if n >= rows:
+            yield pa.Table.from_batches(held)
+            held, n = [], 0
+    if held:
+        yield pa.Table.from_batches(held)
+
+
 def _column(batch, name: str, dtype=np.float64) -> np.ndarray:
     return np.asarray(batch.column(name).to_numpy(zero_copy_only=False), dtype=dtype)
 
@@ -392,9 +409,8 @@ def run_health(run, qa: QAConfig | None = None, top_n: int = 12, time_bins: int 
     dataset = run.dataset("masklets")
     columns = [c for c in dict.fromkeys(MASKLET_COLUMNS + TOP_COLUMNS)]
     low32 = np.float32(qa.low_score)
-    for batch in dataset.to_batches(columns=columns, batch_size=batch_rows, batch_readahead=1, fragment_readahead=1):
-        if not len(batch):
-            continue
+    batches = dataset.to_batches(columns=columns, batch_size=batch_rows, batch_readahead=1, fragment_readahead=1)
+    for batch in _coalesce(batches, batch_rows):
         masklets += len(batch)
         found = pc.index_in(batch.column("item_id"), value_set=a["ids"])
         item = np.asarray(pc.fill_null(found, -1).to_numpy(zero_copy_only=False), dtype=np.int64)
