@@ -189,3 +189,28 @@ def test_bench_report_quick(capsys):
     assert bench(["--quick"]) == 0
     text = capsys.readouterr().out
     assert "peak RSS" in text and "masklet report" in text
+
+
+@pytest.mark.slow
+def test_report_of_a_real_random_weight_run(tmp_path, demo_config, fast_overrides):
+    """The real pipeline (random weights, ~30-60 s on a CPU), then the report: banner, gallery frames decoded
+    from the media, every data-key resolving. Signal columns may be null (until the worker writes them)."""
+    from pipeline.samples import make_frame_folder, make_video
+
+    media = tmp_path / "media"
+    make_video(media / "a_clip.mp4", frames=8, width=160, height=120, seed=1)
+    make_frame_folder(media / "c_frames", frames=5, width=144, height=112, ext="png", seed=3)
+    manifest = tmp_path / "manifest.parquet"
+    assert main(["manifest", "build", str(media), "-o", str(manifest)]) == 0
+    out = tmp_path / "run"
+    assert main(["run", "--manifest", str(manifest), "--out", str(out), "--config", demo_config,
+                 *fast_overrides]) == 0
+    assert main(["report", str(out), "--top", "4"]) == 0
+    html, js = out / "report" / "report.html", out / "report" / "report.json"
+    report = json.loads(js.read_text())
+    assert 'id="random-weights-banner"' in html.read_text()
+    page = _parse(html)
+    for key, text in page.keys:
+        assert text == format_number(lookup(report, key)), key
+    shown = [g for g in report["gallery"] if g["frames"]]
+    assert shown and all(g["media"] == "decoded" for g in shown)
