@@ -83,6 +83,7 @@ def shard_tables(spec: Spec, shard_id: int, items: list[MediaItem], first_index:
            "propagate": per_frame * frames * (1 + 0.1 * num_obj), "write": 0.005 * frames * (1 + num_obj * 0.05)}
     sec["signals"] = sec["write"] * 0.4
     sec["total"] = sec["decode"] + sec["prompt"] + sec["propagate"] + sec["write"]
+    device = np.where(rng.random(n) < 0.8, "cuda", "cpu")
     finished = [T0 + timedelta(seconds=float(p * spec.seconds_per_item + rng.uniform(0, spec.seconds_per_item)))
                 for p in pos]
     cols = {
@@ -93,7 +94,7 @@ def shard_tables(spec: Spec, shard_id: int, items: list[MediaItem], first_index:
         "stride": [1] * n, "width": width, "height": height, "source_width": width, "source_height": height,
         "scale": [1.0] * n, "fps": [30.0] * n, "num_objects": num_obj, "model": ["sam2.1_hiera_tiny"] * n,
         "image_size": [1024] * n, "checkpoint_sha256": ["0" * 64] * n, "random_weights": [random_weights] * n,
-        "device": np.where(rng.random(n) < 0.8, "cuda", "cpu").tolist(), "device_class": ["cuda-sm90"] * n,
+        "device": device.tolist(), "device_class": np.where(device == "cuda", "cuda-sm90", "cpu").tolist(),
         "device_name": ["NVIDIA H100"] * n, "autocast": ["bf16"] * n, "object_batch": [8] * n, "tf32": [True] * n,
         "compile": [False] * n, "torch_version": ["2.5.1"] * n, "sam2_version": ["1.1.0"] * n,
         **{f"seconds_{k}": np.where(failed & (k != "decode"), np.nan, v) for k, v in sec.items()},

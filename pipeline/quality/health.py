@@ -27,9 +27,9 @@ Definitions (the README's report section repeats them):
   share below > qa.score_low_share_max (`score_low_share`).
 - drift: the two-sample Kolmogorov-Smirnov statistic D = max |F1(x) - F2(x)| between the masklet scores of
   the first tenth and of the latest tenth of done items (by finished_at), and between each shard and each
-  device and the rest of the run. D is computed on the histograms (at the bin edges: the exact D of the
-  scores rounded down to the bin edges, `ks_from_histograms`; `ks_statistic` is the exact one). Alert
-  `drift`: D > qa.drift_max, for groups of at least DRIFT_MIN_MASKLETS masklets on both sides.
+  device (its `device` and `device_class` joined: "cuda cuda-sm90") and the rest of the run. D is computed
+  on the histograms (at the bin edges: the exact D of the scores rounded down to the bin edges,
+  `ks_from_histograms`; `ks_statistic` is the exact one). Alert `drift`: D > qa.drift_max, for groups of at least DRIFT_MIN_MASKLETS masklets on both sides.
 - failures: items committed as failed over items committed; kind = the exception name that starts the
   error ("ValueError: ..."), "out of memory" for the memory ladder's message, else its first word.
   Retried: items with attempts > 1.
@@ -264,17 +264,32 @@ def _scores(batch) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------- the report
 
 def _items_arrays(run) -> dict[str, np.ndarray]:
+    """The items columns used, as numpy arrays (numbers as float64 with NaN for null); strings are not turned
+    into Python objects per row (a million items): status as two bool arrays, device as codes into a sorted
+    list of names, errors kept for failed items only."""
     table = run.dataset("items").to_table(columns=ITEM_COLUMNS)
-    a = {}
+    a: dict = {"n": len(table), "ids": table.column("item_id").combine_chunks() if len(table)
+               else pa.array([], pa.string())}
+    status = table.column("status")
+    a["done"] = np.asarray(pc.fill_null(pc.equal(status, "done"), False).to_numpy(zero_copy_only=False), dtype=bool)
+    a["failed"] = np.asarray(pc.fill_null(pc.equal(status, "failed"), False).to_numpy(zero_copy_only=False),
+                             dtype=bool)
+    a["errors"] = table.filter(pa.array(a["failed"])).column("error").to_pylist() if len(table) else []
+    # a device is its kind and class ("cuda cuda-sm90"): two GPU generations compute different numerics
+    device = pc.utf8_trim_whitespace(pc.binary_join_element_wise(
+        pc.fill_null(table.column("device"), ""), pc.fill_null(table.column("device_class"), ""), " "))
+    names = sorted(set(pc.unique(device).to_pylist())) if len(table) else []
+    a["device_names"] = names
+    a["device_code"] = np.asarray(pc.index_in(device, value_set=pa.array(names, pa.string())).to_numpy(
+        zero_copy_only=False), dtype=np.int64) if len(table) else np.zeros(0, dtype=np.int64)
     for name in ITEM_COLUMNS:
-        col = table.column(name)
         if name in ("item_id", "status", "error", "device", "device_class"):
-            a[name] = np.asarray(col.to_pylist(), dtype=object)
-        elif name == "finished_at":
+            continue
+        col = table.column(name)
+        if name == "finished_at":
             a[name] = np.asarray(col.cast(pa.int64()).to_numpy(zero_copy_only=False), dtype=np.float64) / 1000.0
         else:
             a[name] = _column(table, name)
-    a["ids"] = table.column("item_id").combine_chunks() if len(table) else pa.array([], pa.string())
     return a
 
 
@@ -344,7 +359,7 @@ def _iso(seconds: float | None) -> str | None:
 
 def _failures(a: dict, finished: np.ndarray, failed: np.ndarray) -> dict:
     kinds: dict[str, list] = {}
-    for err in a["error"][failed]:
+    for err in a["errors"]:
         k = error_kind(err)
         entry = kinds.setdefault(k, [0, err])
         entry[0] += 1
@@ -366,9 +381,8 @@ def run_health(run, qa: QAConfig | None = None, top_n: int = 12, time_bins: int 
     qa = qa or run.plan.config.qa
     alerts: list[dict] = []
     a = _items_arrays(run)
-    n = len(a["item_id"])
-    status = a["status"]
-    done, failed = status == "done", status == "failed"
+    n = a["n"]
+    done, failed = a["done"], a["failed"]
     finished = done | failed
     frames = a["num_frames"]
     ms_total = np.where(done & (frames > 0), a["seconds_total"] * 1000.0 / np.where(frames > 0, frames, 1), np.nan)
@@ -385,10 +399,7 @@ def run_health(run, qa: QAConfig | None = None, top_n: int = 12, time_bins: int 
     shard_ids = np.nan_to_num(a["shard_id"], nan=-1).astype(np.int64)
     shard_keys = np.unique(shard_ids).tolist()
     shard_code = np.searchsorted(np.asarray(shard_keys, dtype=np.int64), shard_ids).astype(np.int64)
-    device = np.asarray(["" if d is None else str(d) for d in a["device"]], dtype=object)
-    device_keys = np.unique(device).tolist() if n else []
-    device_code = np.searchsorted(np.asarray(device_keys, dtype=object), device).astype(np.int64) if n \
-        else np.zeros(0, dtype=np.int64)
+    device_keys, device_code = a["device_names"], a["device_code"]
 
     # masklets, batch by batch
     run_hist = _ScoreGroups(SCORE_BINS)  # groups: 0 run, 1 early, 2 late
@@ -504,9 +515,10 @@ def run_health(run, qa: QAConfig | None = None, top_n: int = 12, time_bins: int 
         entry["shard_id"] = entry.pop("key")
         entry["masklets"] = int(masklets_per_shard[g])
         entry["drift"] = group_drift(shard_hist, g)
-    by_device = _group_stats(device, done, failed, ms_total)
-    for g, entry in enumerate(by_device):
-        entry["device"] = entry.pop("key")
+    by_device = _group_stats(device_code, done, failed, ms_total)
+    for entry in by_device:
+        g = entry.pop("key")
+        entry["device"] = device_keys[g]
         entry["drift"] = group_drift(dev_hist, g)
     for label, groups, field in (("shard", by_shard, "shard_id"), ("device", by_device, "device")):
         for i, entry in enumerate(groups):
