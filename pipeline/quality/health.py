@@ -29,7 +29,8 @@ Definitions (the README's report section repeats them):
   the first tenth and of the latest tenth of done items (by finished_at), and between each shard and each
   device (its `device` and `device_class` joined: "cuda cuda-sm90") and the rest of the run. D is computed
   on the histograms (at the bin edges: the exact D of the scores rounded down to the bin edges,
-  `ks_from_histograms`; `ks_statistic` is the exact one). Alert `drift`: D > qa.drift_max, for groups of at least DRIFT_MIN_MASKLETS masklets on both sides.
+  `ks_from_histograms`; `ks_statistic` is the exact one). Alert `drift`: D > qa.drift_max, for groups of
+  at least DRIFT_MIN_MASKLETS masklets on both sides.
 - failures: items committed as failed over items committed; kind = the exception name that starts the
   error ("ValueError: ..."), "out of memory" for the memory ladder's message, else its first word.
   Retried: items with attempts > 1.
