@@ -378,8 +378,11 @@ def _failures(a: dict, finished: np.ndarray, failed: np.ndarray) -> dict:
 
 def run_health(run, qa: QAConfig | None = None, top_n: int = 12, time_bins: int = TIME_BINS,
                batch_rows: int = BATCH_ROWS) -> dict:
-    """The health of `run` (a pipeline.results.RunResults) as a JSON-able dict; `qa` defaults to the run's."""
-    qa = qa or run.plan.config.qa
+    """The health of `run` (a pipeline.results.RunResults) as a JSON-able dict; `qa` defaults to the thresholds
+    in force for the run (OUT/qa.json when `masklet qa --set` changed them, else the run config's)."""
+    from pipeline.quality.reflag import current_qa
+
+    qa = qa or current_qa(run.paths, run.plan.config)
     alerts: list[dict] = []
     a = _items_arrays(run)
     n = a["n"]
