@@ -238,3 +238,15 @@ def test_health_reads_the_masklets_in_batches_not_whole(tmp_path, monkeypatch):
     monkeypatch.setattr(type(run), "masklets", property(lambda self: pytest.fail("read the masklets whole")))
     assert run_health(run, batch_rows=16)["run"]["masklets"] > 0
     assert health.BATCH_ROWS <= 65_536
+
+
+def test_the_thresholds_in_force_are_the_ones_masklet_qa_set(tmp_path):
+    from pipeline.cli import main
+
+    out = tmp_path / "run"
+    fabricate_run(out, Spec(items=20, masklets=200, shards=2))
+    assert run_health(open_run(out))["thresholds"]["score_median_min"] == QAConfig().score_median_min
+    assert main(["qa", str(out), "--set", "qa.score_median_min=0.99"]) == 0
+    h = run_health(open_run(out))
+    assert h["thresholds"]["score_median_min"] == 0.99
+    assert any(a["kind"] == "score_median" and a["limit"] == 0.99 for a in h["alerts"])
