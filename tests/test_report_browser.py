@@ -4,7 +4,8 @@ The page is checked as a reader meets it, against the report's contract: every <
 decoded (naturalWidth > 0); no console error and no uncaught page error; the random-weights banner is
 visible; and every element carrying data-key="<dotted path into report.json>" shows exactly
 pipeline.report.html.format_number(value at that path), so a number on the page cannot drift from the JSON
-beside it. A full-page screenshot is kept: $MASKLET_ARTIFACTS/report.png when set, else the test's tmp dir.
+beside it. A full-page screenshot is kept, report.png, and the first screenful, report-viewport.png: in
+$MASKLET_ARTIFACTS when set, else in the test's tmp dir.
 
 `check_report_page` returns the problems it found rather than asserting, so a second test can show it
 catches each kind of problem on a deliberately broken page (otherwise a checker that sees nothing passes).
@@ -87,6 +88,8 @@ def check_report_page(html: Path, report: dict, format_number: Callable[[Any], s
         problems += [f"page error: {m}" for m in bp.page_errors]
         if screenshot is not None:
             bp.screenshot(screenshot, full_page=True)
+            # The first screenful too: small enough for the README (docs/report-screenshot.png is one).
+            bp.screenshot(screenshot.with_name(f"{screenshot.stem}-viewport{screenshot.suffix}"), full_page=False)
     return problems, len(keyed)
 
 
@@ -100,7 +103,8 @@ def test_report_renders_in_chromium(small_run, tmp_path, capsys):
     shot = artifact_path("report.png", tmp_path)
     problems, checked = check_report_page(html, report, format_number, screenshot=shot)
     with capsys.disabled():
-        print(f"\nreport screenshot: {shot} ({checked} data-key numbers checked against report.json)")
+        print(f"\nreport screenshot: {shot} and {shot.stem}-viewport.png beside it "
+              f"({checked} data-key numbers checked against report.json)")
     assert not problems, "\n".join(problems)
     assert checked >= MIN_DATA_KEYS, f"only {checked} data-key elements on the page"
 
