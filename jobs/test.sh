@@ -4,7 +4,17 @@
 # and installs Debian's chromium for the browser test (tests/browser.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/masklet ]; then
+# Install when .venv lacks masklet, or lacks a package pyproject.toml now names (dependencies or the test
+# extra): a .venv made before a dependency was added would otherwise fail or skip tests for want of it.
+installed() {
+  .venv/bin/python - <<'PY' 2>/dev/null
+import importlib.metadata as md, re, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+for req in project["dependencies"] + project["optional-dependencies"]["test"]:
+    md.version(re.match(r"[A-Za-z0-9_.-]+", req).group())
+PY
+}
+if [ ! -x .venv/bin/masklet ] || ! installed; then
   bash jobs/install.sh
 fi
 
