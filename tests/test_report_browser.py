@@ -111,7 +111,7 @@ def test_report_renders_in_chromium(small_run, tmp_path, capsys):
 
 BROKEN_PAGE = """<!doctype html><html><head><title>not it</title></head><body>
 <img alt="broken" src="data:image/png;base64,AAAA">
-<img alt="remote" src="https://example.invalid/x.png">
+<img alt="file" src="missing.png">
 <span data-key="items.0.frames">8</span>
 <span data-key="total">3.50</span>
 <span data-key="missing.path">1</span>
