@@ -65,7 +65,9 @@ from pipeline.stages.prompt import (  # noqa: E402
     KeyframeFeatures, amg_kwargs, make_generator, prompt_and_encode_keyframe, select_records,
 )
 from pipeline.stages.track import TrackOptions, resolve_autocast, spare_core, track, write_behind  # noqa: E402
+from pipeline.quality.signals import MaskletSignals, PromptSignals  # noqa: E402
 from pipeline.store.masks import MaskWriter  # noqa: E402
+from pipeline.store.metadata import FrameRows  # noqa: E402
 
 MiB = 1024 * 1024
 QUIET_CORES = 0.1  # a speed run during which other processes used more CPU than this is run again
@@ -308,11 +310,25 @@ def pipeline_amg(model: LoadedModel, folder: Path, cfg: PromptConfig, height: in
 
 def pipeline_steps(model: LoadedModel, folder: Path, masks: list[np.ndarray], out: RunPaths, tag: str,
                    options: TrackOptions, result: "FlowResult", write_thread: bool | None = None,
-                   keyframe: KeyframeFeatures | None = None):
+                   keyframe: KeyframeFeatures | None = None, rows: str | None = None):
     """pipeline.stages.decode -> track -> the same Zarr writer, writing behind the model; one step per frame
     when the writes run in the model's thread (`write_thread` False, as on a CPU without a spare core), else
-    a single step for the whole run (write_behind's own loop)."""
+    a single step for the whole run (write_behind's own loop). `rows`: also build the frame rows beside the
+    Zarr writes as the worker does, "plain" (areas and boxes) or "signals" (with the quality signals)."""
     height, width = masks[0].shape
+    frame_rows = None
+    if rows is not None:
+        signals = None
+        if rows == "signals":
+            signals = MaskletSignals([PromptSignals(i, 0, 0.0, 0.0, int(m.sum())) for i, m in enumerate(masks)],
+                                     height, width, keep_rows=False)
+        frame_rows = FrameRows(tag, signals)
+
+    def write(fm: FrameMasks) -> None:
+        writer.write(fm)
+        if frame_rows is not None:
+            frame_rows.add(fm.frame, fm.source_frame, fm.object_ids, fm.masks, fm.object_scores)
+
     item = MediaItem(item_id="bench", path=str(folder), kind="frames", num_frames=result.frames, width=width,
                      height=height)
     source = open_frames(item)
@@ -322,12 +338,12 @@ def pipeline_steps(model: LoadedModel, folder: Path, masks: list[np.ndarray], ou
     if write_thread is None:
         write_thread = spare_core(model.device)
     if write_thread:
-        written = write_behind(stream, writer.write, thread=True)
+        written = write_behind(stream, write, thread=True)
     else:  # write_behind's loop when no core is free for a writer thread, a frame per step
         yield
         written = 0
         for fm in stream:
-            writer.write(fm)
+            write(fm)
             written += 1
             yield
     writer.finish()
@@ -337,7 +353,8 @@ def pipeline_steps(model: LoadedModel, folder: Path, masks: list[np.ndarray], ou
     result.extra = {"object_batch": stats.object_batch, "autocast": stats.autocast,
                     "max_non_cond_retained": stats.max_non_cond_retained, "memory_window": stats.memory_window,
                     "max_frames_alive": stats.max_frames_alive, "self_attention_runs": stats.self_attention_runs,
-                    "keyframe_reused": stats.keyframe_reused}
+                    "keyframe_reused": stats.keyframe_reused,
+                    "seconds_signals": frame_rows.seconds_signals if frame_rows is not None else 0.0}
 
 
 def run_flows(model: LoadedModel, steps: dict[str, object], results: dict[str, "FlowResult"],

@@ -292,6 +292,23 @@ def _cmd_cancel(args) -> int:
     return 0
 
 
+def _cmd_qa(args) -> int:
+    from dataclasses import asdict
+
+    from pipeline.plan import load_run
+    from pipeline.quality.reflag import current_qa, reflag_run
+
+    if args.set:
+        summary = reflag_run(args.out, args.set)
+        print("\n".join(summary.lines()))
+        qa = summary.qa
+    else:
+        plan = load_run(args.out)
+        qa = current_qa(plan.paths, plan.config)
+    print("thresholds in force: " + ", ".join(f"qa.{k}={v}" for k, v in asdict(qa).items()))
+    return 0
+
+
 def _cmd_sample(args) -> int:
     from pipeline.samples import make_sample_dataset
 
@@ -351,6 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = sub.add_parser("cancel", help="cancel the run's queued and running SLURM jobs")
     cancel.add_argument("out", help="run folder")
     cancel.set_defaults(func=_cmd_cancel)
+
+    qa = sub.add_parser("qa", help="show the run's qa.* thresholds, or set them and re-flag every committed "
+                                   "masklet from its stored signals (no model; the fingerprint is unchanged)")
+    qa.add_argument("out", help="run folder")
+    qa.add_argument("--set", nargs="+", metavar="qa.KEY=VALUE", default=[],
+                    help="new thresholds, e.g. qa.fragmented_components=3 qa.low_score=0.8")
+    qa.set_defaults(func=_cmd_qa)
 
     sample = sub.add_parser("sample", help="write a small synthetic media set (two videos, frames, an image)")
     sample.add_argument("folder")

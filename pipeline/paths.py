@@ -130,6 +130,11 @@ class RunPaths:
         return self.partials / check_component(item_id)
 
     @property
+    def qa(self) -> Path:
+        """The qa.* thresholds `masklet qa` set on the run last (absent: the run config's own)."""
+        return self.root / "qa.json"
+
+    @property
     def faults(self) -> Path:
         return self.root / "faults"
 

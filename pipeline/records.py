@@ -89,4 +89,7 @@ class ItemResult:
     seconds_propagate: float = 0.0
     seconds_write: float = 0.0
     seconds_total: float = 0.0
+    seconds_signals: float = 0.0  # quality signals, in the writer thread (part of seconds_write)
+    coverage_mean: float | None = None  # share of each frame under any masklet (pipeline/quality/signals.py)
+    coverage_min: float | None = None
     object_batch: int | None = None  # objects per step the tracker really used (its sizing, the ladder's rung)

@@ -27,6 +27,8 @@ from pipeline import faults, numerics
 from pipeline.config import RunConfig
 from pipeline.device import WorkSizing, detect_device, size_for_device, size_item
 from pipeline.plan import RunPlan, config_fingerprint, load_run
+from pipeline.quality.reflag import current_qa
+from pipeline.quality.signals import MaskletSignals, PromptSignals
 from pipeline.records import FrameMasks, ItemResult, MediaItem
 from pipeline.stages.decode import display_path, open_frames, utf8_text
 from pipeline.stages.models import LoadedModel, load_model
@@ -182,9 +184,11 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models,
     }
     writer = MaskWriter(plan.paths, item.item_id, len(prompts), num_frames, height, width, cfg.store, attrs,
                         stage=partial.masks if partial else None, resume_at=resume.next_frame if resume else 0)
-    rows = metadata.FrameRows(item.item_id)
+    signals = MaskletSignals([PromptSignals.from_prompt(p) for p in prompts], height, width, keep_rows=False)
+    rows = metadata.FrameRows(item.item_id, signals)
     if resume is not None:
         rows.extend(resume.rows)
+        signals.restore(resume.signals)
     seconds_write = 0.0
     tracked = None
     t_prop = time.perf_counter()
@@ -207,7 +211,7 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models,
                 t_w = time.perf_counter()
                 if isinstance(x, _Checkpoint):
                     partial.save(x.next_frame, rows.table(checkpointed_rows), x.state.payload(), prompts,
-                                 seconds_prompt)
+                                 seconds_prompt, signals.state())
                     checkpointed_rows = len(rows)
                 else:
                     writer.write(x)
@@ -256,13 +260,19 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models,
         partial.discard()  # the masks are published; the rows are committed by the caller, from memory
     seconds_propagate = time.perf_counter() - t_prop  # wall time; decoding and writing overlap it (threads)
     frames_table = rows.table()
-    masklets = metadata.masklets_table(item.item_id, prompts, source.source_frames, frames_table)
+    t_sig = time.perf_counter()
+    computed = signals.finish()
+    masklets = metadata.masklets_table(item.item_id, prompts, source.source_frames, frames_table,
+                                       computed.masklets, current_qa(plan.paths, cfg))
+    seconds_signals = rows.seconds_signals + time.perf_counter() - t_sig
+    coverage = computed.item.to_pylist()[0]
     result = ItemResult(
         item_id=item.item_id, status="done", num_frames=real_frames, num_objects=len(prompts),
         width=width, height=height, stride=_stride(item, cfg), scale=float(source.scale),
         seconds_decode=frames.seconds, seconds_prompt=seconds_prompt,
         seconds_propagate=max(0.0, seconds_propagate), seconds_write=seconds_write,
-        seconds_total=time.perf_counter() - t_start, object_batch=(tracked.object_batch or None) if tracked else None,
+        seconds_total=time.perf_counter() - t_start, seconds_signals=seconds_signals,
+        coverage_mean=coverage["coverage_mean"], coverage_min=coverage["coverage_min"], object_batch=(tracked.object_batch or None) if tracked else None,
     )
     return result, {"masklets": masklets, "frames": frames_table}
 
@@ -339,7 +349,9 @@ def _item_row(plan: RunPlan, shard_id: int, item: MediaItem, result: ItemResult,
         "torch_version": n and n.torch, "sam2_version": n and n.sam2,
         "seconds_decode": result.seconds_decode, "seconds_prompt": result.seconds_prompt,
         "seconds_propagate": result.seconds_propagate, "seconds_write": result.seconds_write,
-        "seconds_total": result.seconds_total, "finished_at": datetime.now(timezone.utc),
+        "seconds_signals": result.seconds_signals if result.status == "done" else None,
+        "seconds_total": result.seconds_total, "coverage_mean": result.coverage_mean,
+        "coverage_min": result.coverage_min, "finished_at": datetime.now(timezone.utc),
     }
 
 

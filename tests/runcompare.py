@@ -5,7 +5,7 @@ import numpy as np
 
 from pipeline import open_run
 
-VOLATILE = {"seconds_decode", "seconds_prompt", "seconds_propagate", "seconds_write", "seconds_total",
+VOLATILE = {"seconds_decode", "seconds_prompt", "seconds_propagate", "seconds_write", "seconds_signals", "seconds_total",
             "finished_at", "device", "attempts"}
 
 

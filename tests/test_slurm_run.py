@@ -44,8 +44,8 @@ pytestmark = NEEDS_SLURM_CLUSTER
 WAIT = 240
 LONG = "long.mp4"
 LONG_FRAMES = 200
-VOLATILE_COLUMNS = {"seconds_decode", "seconds_prompt", "seconds_propagate", "seconds_write", "seconds_total",
-                    "finished_at"}
+VOLATILE_COLUMNS = {"seconds_decode", "seconds_prompt", "seconds_propagate", "seconds_write", "seconds_signals",
+                    "seconds_total", "finished_at"}
 
 
 def wait_for(condition: Callable[[], object], what: str, timeout: float = WAIT):

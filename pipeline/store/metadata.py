@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from pipeline.config import QAConfig
 from pipeline.quality.flags import flag_masklets
-from pipeline.quality.signals import (FRAME_SIGNALS_SCHEMA, ITEM_SIGNALS_SCHEMA, MASKLET_SIGNALS_SCHEMA,
+from pipeline.quality.signals import (FRAME_SIGNALS_SCHEMA, MASKLET_SIGNALS_SCHEMA,
                                       MaskletSignals)
 
 ITEMS_SCHEMA = pa.schema([

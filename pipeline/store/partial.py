@@ -6,6 +6,7 @@ While an item is tracked, its folder tmp/partial/<item_id>/ holds:
     prompts.pt                   the item's prompts (written once, at the first checkpoint)
     rows-<first frame>.parquet   the frame rows of one stretch between two checkpoints
     state-<next frame>.pt        the tracker's state after frame next_frame - 1 (TrackerState.payload())
+    signals-<next frame>.npz     the quality signals' running statistics at that point (MaskletSignals.state())
     progress.json                the commit point: next_frame and the files above that belong to it
 
 A checkpoint is taken at a `store.frames_per_file` boundary, after the mask shard files up to it are
@@ -39,7 +40,7 @@ from pipeline.store.metadata import FRAMES_SCHEMA
 
 log = logging.getLogger("masklet.partial")
 
-PARTIAL_VERSION = 1
+PARTIAL_VERSION = 2  # 2: signals-<next frame>.npz
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Resume:
     tracker: dict  # TrackerState.payload()
     rows: pa.Table  # frame rows of frames 0 .. next_frame - 1
     seconds_prompt: float
+    signals: dict[str, np.ndarray]  # MaskletSignals.state() after frame next_frame - 1
 
 
 def prompts_payload(prompts: list[Prompt]) -> dict:
@@ -79,6 +81,11 @@ def prompts_from_payload(d: dict) -> list[Prompt]:
                bbox=tuple(d["bbox"][i]), source=d["source"][i])
         for i in range(shape[0])
     ]
+
+
+def _save_npz(path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez would append .npz to a temporary name
+        np.savez(f, **arrays)
 
 
 class PartialItem:
@@ -127,13 +134,15 @@ class PartialItem:
         next_frame = int(progress["next_frame"])
         if int(state["next_frame"]) != next_frame:
             raise ValueError(f"state is for frame {state['next_frame']}, progress says {next_frame}")
+        with np.load(self.dir / progress["signals"], allow_pickle=False) as npz:
+            signals = {name: npz[name] for name in npz.files}
         self._rows = list(progress["rows"])
         self._rows_from = next_frame
         return Resume(next_frame=next_frame, prompts=prompts_from_payload(prompts["prompts"]), tracker=state,
-                      rows=table, seconds_prompt=float(prompts["seconds_prompt"]))
+                      rows=table, seconds_prompt=float(prompts["seconds_prompt"]), signals=signals)
 
     def save(self, next_frame: int, rows: pa.Table, tracker: dict, prompts: list[Prompt],
-             seconds_prompt: float) -> None:
+             seconds_prompt: float, signals: dict[str, np.ndarray]) -> None:
         """Checkpoint after frame next_frame - 1. `rows` are the frame rows since the last checkpoint; the mask
         shard files up to next_frame must already be written."""
         prompts_file = self.dir / "prompts.pt"
@@ -144,12 +153,15 @@ class PartialItem:
         write_atomic(self.dir / rows_name, lambda p: pq.write_table(rows, p))
         state_name = f"state-{next_frame:08d}.pt"
         write_atomic(self.dir / state_name, lambda p: torch.save(tracker, p))
+        signals_name = f"signals-{next_frame:08d}.npz"
+        write_atomic(self.dir / signals_name, lambda p: _save_npz(p, signals))
         fsync_tree(self.masks)  # the mask files this checkpoint vouches for are on disk before it is
         names = [*self._rows, rows_name]
-        progress = {"key": self.key, "next_frame": next_frame, "rows": names, "state": state_name}
+        progress = {"key": self.key, "next_frame": next_frame, "rows": names, "state": state_name,
+                    "signals": signals_name}
         write_atomic(self.progress, lambda p: p.write_text(json.dumps(progress)))  # the commit point
         self._rows, self._rows_from = names, next_frame
-        keep = {*names, state_name, "prompts.pt", "progress.json", "masks.zarr"}
+        keep = {*names, state_name, signals_name, "prompts.pt", "progress.json", "masks.zarr"}
         for p in self.dir.iterdir():
             if p.name not in keep and not p.name.startswith("."):
                 p.unlink(missing_ok=True)
