@@ -69,12 +69,14 @@ def shard_tables(item_ids: list[str], shard_id: int, t0: datetime) -> dict[str, 
               masklet_id=[f"{i}/{o}" for i in item_ids for o in range(OBJECTS)], prompt_source=["amg"] * (n * OBJECTS))
     for name in ("prompt_x", "prompt_y", "predicted_iou", "stability_score", "area_mean"):
         ml[name] = [0.5] * (n * OBJECTS)
+    ml["flags"] = [[] for _ in range(n * OBJECTS)]
     k = n * OBJECTS * FRAMES
     fr = {name: [0] * k for name in metadata.FRAMES_SCHEMA.names}
     fr.update(item_id=[i for i in item_ids for _ in range(OBJECTS * FRAMES)],
               object_id=[o for _ in item_ids for o in range(OBJECTS) for _ in range(FRAMES)],
               frame=[t for _ in range(n * OBJECTS) for t in range(FRAMES)], object_score=[1.0] * k)
     fr["source_frame"] = fr["frame"]
+    fr["touches_border"] = [False] * k
     return {"items": items, "masklets": pa.table(ml, schema=metadata.MASKLETS_SCHEMA),
             "frames": pa.table(fr, schema=metadata.FRAMES_SCHEMA)}
 

@@ -292,6 +292,14 @@ def _cmd_cancel(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from pipeline.report import write_report
+
+    html_path, json_path = write_report(args.out, args.output, top=args.top, gallery=not args.no_gallery)
+    print(f"wrote {html_path} (open it in a browser; it needs no network) and {json_path}")
+    return 0
+
+
 def _cmd_qa(args) -> int:
     from dataclasses import asdict
 
@@ -368,6 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = sub.add_parser("cancel", help="cancel the run's queued and running SLURM jobs")
     cancel.add_argument("out", help="run folder")
     cancel.set_defaults(func=_cmd_cancel)
+
+    report = sub.add_parser("report", help="run health in one self-contained HTML page, report.json beside it")
+    report.add_argument("out", help="run folder (a run in flight shows what it has committed)")
+    report.add_argument("-o", "--output", default=None, help="HTML file to write (default OUT/report/report.html)")
+    report.add_argument("--top", type=int, default=12, help="masklets of highest review priority in the gallery")
+    report.add_argument("--no-gallery", action="store_true", help="leave out the gallery (no media decoded)")
+    report.set_defaults(func=_cmd_report)
 
     qa = sub.add_parser("qa", help="show the run's qa.* thresholds, or set them and re-flag every committed "
                                    "masklet from its stored signals (no model; the fingerprint is unchanged)")
