@@ -47,3 +47,21 @@ NEEDS_SLURM_CLUSTER = [
         reason="set MASKLET_SLURM=1 after `jobs/slurm/cluster.sh up` to run tests against the local SLURM cluster",
     ),
 ]
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory, demo_config, fast_overrides) -> str:
+    """A real random-weight run folder, small enough for the tests that read a whole run (the report in a
+    browser, the notebooks): a 5-frame video and an image, up to 8 masklets each."""
+    from pipeline.cli import main
+    from pipeline.samples import make_image, make_video
+
+    root = tmp_path_factory.mktemp("small_run")
+    make_video(root / "media" / "clip.mp4", frames=5, width=160, height=120, seed=1)
+    make_image(root / "media" / "photo.jpg", width=200, height=150, seed=4)
+    manifest = root / "manifest.parquet"
+    assert main(["manifest", "build", str(root / "media"), "-o", str(manifest)]) == 0
+    out = root / "run"
+    assert main(["run", "--manifest", str(manifest), "--out", str(out), "--config", demo_config,
+                 *fast_overrides]) == 0
+    return str(out)
