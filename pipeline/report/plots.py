@@ -14,6 +14,7 @@ from datetime import datetime
 import matplotlib
 
 matplotlib.use("Agg")  # before pyplot: no display, PNG only
+import matplotlib.dates as mdates  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -31,6 +32,13 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _time_axis(ax) -> None:
+    """Readable clock labels at any span (seconds to days): matplotlib's concise date formatter."""
+    locator = mdates.AutoDateLocator(maxticks=8)
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+
+
 def throughput(health: dict) -> bytes | None:
     bins = health["over_time"]["bins"]
     if not bins:
@@ -45,7 +53,7 @@ def throughput(health: dict) -> bytes | None:
     ax.set_ylabel(f"items per {health['over_time']['bin_seconds']} s")
     ax.set_title("items finished over time (UTC)")
     ax.legend(loc="upper left", fontsize=8)
-    fig.autofmt_xdate()
+    _time_axis(ax)
     return _png(fig)
 
 
@@ -61,7 +69,7 @@ def latency_over_time(health: dict) -> bytes | None:
     ax.set_ylabel("ms per frame (total)")
     ax.set_title("time per frame over time")
     ax.legend(fontsize=8)
-    fig.autofmt_xdate()
+    _time_axis(ax)
     return _png(fig)
 
 
