@@ -299,8 +299,7 @@ def run_health(run, qa: QAConfig | None = None, top_n: int = 12, time_bins: int 
     scores = _score_summary(fold, qa, alerts)
     by_shard = _by_shard(groups, fold, done, failed, ms_total)
     by_device = _by_device(groups, fold, done, failed, ms_total)
-    drift_alerts = _group_drift_alerts(by_shard, by_device, qa)
-    alerts.extend(drift_alerts)
+    alerts.extend(_group_drift_alerts(by_shard, by_device, qa))
     latency = _latency(a, done, qa, alerts)
     return {
         "version": 1,
@@ -313,7 +312,8 @@ def run_health(run, qa: QAConfig | None = None, top_n: int = 12, time_bins: int 
         "scores": scores,
         "drift": {"early_items": groups.tenth, "late_items": groups.tenth, "min_masklets": DRIFT_MIN_MASKLETS,
                   "statistic": "two-sample Kolmogorov-Smirnov D on histograms",
-                  "flagged": [{"key": x["key"], "value": x["value"], "message": x["message"]} for x in drift_alerts]},
+                  "flagged": [{"key": x["key"], "value": x["value"], "message": x["message"]}
+                              for x in alerts if x["kind"] == "drift"]},  # early/late, shard and device
         "failures": _failures(a, finished, failed),
         **_distributions(a, fold),
         "alerts": alerts,
