@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import shutil
 import uuid
 from functools import lru_cache
@@ -34,7 +35,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.export.base import ItemExport, RunInfo
-from pipeline.export.filters import ExportFilter, review_decisions, select_items, select_masklets
+from pipeline.export import filters
+from pipeline.export.filters import ExportFilter, ExportFilterError, select_items, select_masklets
 from pipeline.paths import check_component
 from pipeline.store.atomic import fsync_dir, publish, write_atomic, write_text_atomic
 
@@ -143,6 +145,9 @@ def prepare_export(out: str | Path, fmt_name: str, dest: str | Path, filt: Expor
     if paths.root.exists() and any(p.name != ".masklet-export" for p in paths.root.iterdir()):
         raise ExportError(f"{paths.root} is not empty and holds no masklet export: export to a new or empty folder")
     items = select_items(filt, run.item_ids("done"), str(run.paths.root))
+    if filt.decision is not None and filters.review_decisions(run) is None:
+        raise ExportFilterError(f"--decision {filt.decision}: {run.paths.root} has no review decisions yet (nothing "
+                                f"has been reviewed); drop --decision")
     paths.done.mkdir(parents=True, exist_ok=True)
     write_atomic(paths.items, lambda p: pq.write_table(pa.table({"item_id": pa.array(items, pa.string())}), p))
     write_text_atomic(paths.spec, json.dumps(spec, indent=1))  # last: marks the export's plan complete
@@ -174,7 +179,7 @@ def _context_for(dest: str, spec_text: str) -> _Context:
     spec = json.loads(spec_text)
     run = open_run(spec["run"])
     filt = ExportFilter.from_dict(spec["filter"])
-    decisions = review_decisions(run) if filt.decision is not None else None
+    decisions = filters.review_decisions(run) if filt.decision is not None else None
     return _Context(paths, run, get_format(spec["format"]), filt, run_info(run), decisions)
 
 
@@ -330,8 +335,20 @@ def export_run(out: str | Path, fmt_name: str, dest: str | Path, filt: ExportFil
     return finish_export(paths)
 
 
+# The temporary names of pipeline/store/atomic.py's write_atomic: `.{name}.{8 hex}.tmp` beside the final file.
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
+
+
+def _clear_temporaries(root: Path) -> None:
+    """Remove what a killed `finish` (or export.json's write) left at DEST's top: write_atomic's temporaries."""
+    for p in root.iterdir():
+        if p.is_file() and _TEMPORARY.fullmatch(p.name):
+            p.unlink(missing_ok=True)
+
+
 def finish_export(paths: ExportPaths) -> dict:
     ctx = _context(str(paths.root))
+    _clear_temporaries(paths.root)
     items = pq.read_table(paths.items).column("item_id").to_pylist()
     markers = [json.loads(paths.done_marker(i).read_text()) for i in items]
     summary = ctx.fmt.finish(paths.root, [m["summary"] for m in markers], ctx.info)
