@@ -325,6 +325,29 @@ def _cmd_sample(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from pipeline.export.filters import ExportFilter
+    from pipeline.export.runner import ExportIncomplete, export_run
+
+    filt = ExportFilter(items=tuple(args.item), items_glob=args.items, flags=tuple(args.flag),
+                        no_flags=tuple(args.no_flag), min_frames_visible=args.min_frames_visible,
+                        min_area_share=args.min_area_share, decision=args.decision)
+    try:
+        record = export_run(args.out, args.format, args.output, filt, executor=args.executor, workers=args.workers,
+                            profile=args.profile)
+    except ExportIncomplete as e:
+        print(f"masklet: {e}", file=sys.stderr)
+        return 1
+    counts = record["counts"]
+    print(f"exported {args.out} as {record['format']} into {args.output}: {counts['items']} items, "
+          f"{counts['masklets']} masklets, {counts['frames']} frames (see export.json)")
+    if record.get("summary", {}).get("overwritten_pixels"):
+        print(f"  overlaps: {record['summary']['overwritten_pixels']} pixels overwritten (lower id wins)")
+    if record.get("label"):
+        print(f"WARNING: {record['label']}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="masklet", description=__doc__)
     from pipeline import __version__
@@ -394,6 +417,31 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", help="write a small synthetic media set (two videos, frames, an image)")
     sample.add_argument("folder")
     sample.set_defaults(func=_cmd_sample)
+
+    # Formats are not imported here (their libraries would slow every command): an unknown one is an input error.
+    export = sub.add_parser("export", help="write a run's masklets in a dataset format (resumes per item)")
+    export.add_argument("out", help="run folder")
+    export.add_argument("--format", required=True,
+                        help="sav-json, sav-png, davis-png, ... (pipeline/export/__init__.py FORMATS; an unknown "
+                             "name lists them)")
+    export.add_argument("-o", "--output", required=True, help="export folder (new or empty; the same to resume)")
+    export.add_argument("--item", action="append", default=[], metavar="ID", help="export this item (repeatable)")
+    export.add_argument("--items", default=None, metavar="GLOB", help="export the items whose id matches this glob")
+    export.add_argument("--flag", action="append", default=[], metavar="F",
+                        help="keep only masklets with any of these flags (repeatable)")
+    export.add_argument("--no-flag", action="append", default=[], metavar="F",
+                        help="drop masklets with this flag (repeatable)")
+    export.add_argument("--min-frames-visible", type=int, default=None, metavar="N")
+    export.add_argument("--min-area-share", type=float, default=None, metavar="X",
+                        help="keep masklets whose mean share of the frame is at least X")
+    export.add_argument("--decision", choices=["accepted", "not-rejected"], default=None,
+                        help="keep masklets by review decision (needs a reviewed run)")
+    export.add_argument("--executor", choices=["local", "dask", "slurm"], default="local",
+                        help="local: this process; dask: --workers local processes; slurm: array tasks")
+    export.add_argument("--workers", type=int, default=None,
+                        help="dask: processes (default 1); slurm: array tasks (default slurm.array_parallelism)")
+    export.add_argument("--profile", default=None, help="with --executor slurm: cluster profile (as for `run`)")
+    export.set_defaults(func=_cmd_export)
     return parser
 
 

@@ -94,6 +94,26 @@ class ShardTask(Checkpointable):
         return f"ShardTask({self.run_dir!r}, shards={list(self.shard_ids)}, redo_failed={self.redo_failed})"
 
 
+class CallTask(Checkpointable):
+    """One array task that calls `module.function(*args)`: plain arguments only, the function found by name in
+    the job (so nothing but names and strings is pickled), the same call resubmitted on USR2. For work other
+    than shards (exports) whose function is idempotent: it skips what it has done."""
+
+    def __init__(self, module: str, function: str, args: tuple):
+        self.module, self.function, self.args = str(module), str(function), tuple(args)
+
+    def __call__(self):
+        import importlib
+
+        return getattr(importlib.import_module(self.module), self.function)(*self.args)
+
+    def checkpoint(self, *args, **kwargs) -> DelayedSubmission:
+        return DelayedSubmission(CallTask(self.module, self.function, self.args))
+
+    def __repr__(self) -> str:
+        return f"CallTask({self.module}.{self.function}, {len(self.args)} args)"
+
+
 # --- scheduler settings (pure) --------------------------------------------------------------------------------
 
 def check_slurm_config(cfg: SlurmConfig) -> SlurmConfig:
@@ -383,9 +403,10 @@ def _scancel(job_ids: list[str]) -> None:
         raise SlurmError(f"scancel {' '.join(job_ids)} failed: {result.stderr.strip() or result.stdout.strip()}")
 
 
-def wait(paths: RunPaths, job_ids: Iterable[str], poll_s: float = 2.0, timeout_s: float | None = None,
-         on_poll: Callable[[], None] | None = None) -> dict[str, str]:
-    """Block until no task of these jobs is queued or running; returns their final states."""
+def wait(paths: RunPaths | None, job_ids: Iterable[str], poll_s: float = 2.0, timeout_s: float | None = None,
+         on_poll: Callable[[], None] | None = None, lost_hint: str | None = None) -> dict[str, str]:
+    """Block until no task of these jobs is queued or running; returns their final states. `lost_hint` says what
+    to do if SLURM forgets the jobs (default: the run's status and resume commands)."""
     ids = {str(j) for j in job_ids}
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     unseen_since = time.monotonic()
@@ -398,14 +419,33 @@ def wait(paths: RunPaths, job_ids: Iterable[str], poll_s: float = 2.0, timeout_s
             if not any(s in ACTIVE_STATES for s in states.values()):
                 return states
         elif time.monotonic() - unseen_since > 60:  # neither squeue nor sacct knows them (cluster restarted?)
-            raise SlurmError(f"SLURM no longer knows jobs {sorted(ids)} (neither squeue nor sacct lists them); "
-                             f"see `masklet status {paths.root}` and resume with `masklet resume {paths.root}`")
+            hint = lost_hint or f"see `masklet status {paths.root}` and resume with `masklet resume {paths.root}`"
+            raise SlurmError(f"SLURM no longer knows jobs {sorted(ids)} (neither squeue nor sacct lists them); {hint}")
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"jobs {sorted(ids)} still active after {timeout_s}s: {states}")
         time.sleep(poll_s)
 
 
 # --- submitting ------------------------------------------------------------------------------------------------
+
+def submit_array(folder: str | Path, cfg: SlurmConfig, tasks: Sequence[Callable], python: str = sys.executable
+                 ) -> list[str]:
+    """Submit `tasks` (callables with plain arguments, pickled by reference to their module; Checkpointable ones
+    are requeued on USR2) as one job array under these settings; returns the task ids, in order. submitit's files
+    go under `folder` (a pattern holding %j). Shared by runs (ShardTask) and exports (pipeline/export/runner.py)."""
+    if shutil.which("sbatch") is None or shutil.which("srun") is None:
+        raise SlurmError("sbatch/srun are not on PATH: this machine is not a SLURM login node. Submit from "
+                         "one, or run here with --executor local")
+    check_slurm_config(cfg)
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfg.max_requeues, python=shlex.quote(python))
+    executor.update_parameters(**sbatch_parameters(cfg))
+    try:
+        jobs = executor.submit_array(list(tasks))
+    except FailedJobError as e:
+        raise SlurmError(f"sbatch refused the job: {str(e).strip()[-500:]}\nCheck the profile's slurm.partition, "
+                         f"slurm.gres, slurm.account and slurm.qos against `sinfo` and `sacctmgr show assoc`")
+    return [job.job_id for job in jobs]
+
 
 class SlurmExecutor:
     name = "slurm"
@@ -422,25 +462,15 @@ class SlurmExecutor:
                command: str = "run") -> Submission:
         if not shard_ids:
             raise ValueError("no shards to submit")
-        if shutil.which("sbatch") is None or shutil.which("srun") is None:
-            raise SlurmError("sbatch/srun are not on PATH: this machine is not a SLURM login node. Submit from "
-                             "one, or run here with --executor local")
         paths = RunPaths.of(run_dir)
         paths.slurm.mkdir(parents=True, exist_ok=True)
         groups = group_shards(shard_ids, self.cfg.shards_per_task)
-        executor = submitit.SlurmExecutor(folder=paths.submitit_folder, max_num_timeout=self.cfg.max_requeues,
-                                          python=shlex.quote(self.python))
-        executor.update_parameters(**sbatch_parameters(self.cfg))
         tasks = [ShardTask(str(paths.root), group, redo_failed) for group in groups]
-        try:
-            jobs = executor.submit_array(tasks)
-        except FailedJobError as e:
-            raise SlurmError(f"sbatch refused the job: {str(e).strip()[-500:]}\nCheck the profile's slurm.partition, "
-                             f"slurm.gres, slurm.account and slurm.qos against `sinfo` and `sacctmgr show assoc`")
+        task_ids = submit_array(paths.submitit_folder, self.cfg, tasks, self.python)
         record = Submission(
-            job_id=jobs[0].job_id.split("_")[0],
+            job_id=task_ids[0].split("_")[0],
             submitted_at=datetime.now(timezone.utc).isoformat(),
-            tasks={job.job_id: group for job, group in zip(jobs, groups)},
+            tasks={task_id: group for task_id, group in zip(task_ids, groups)},
             redo_failed=redo_failed, command=command,
         )
         append_record(paths.slurm_jobs, paths.slurm_jobs_lock, record.to_json())
