@@ -174,7 +174,7 @@ def test_every_format_round_trips_a_real_random_weight_run(small_run, tmp_path):
     from pycocotools.coco import COCO
 
     items = items_from_run(small_run)
-    assert {i.item["kind"] for i in items} == {"video", "image"}
+    assert {i.item["kind"] for i in items} == {"video", "image"} and all(i.object_ids for i in items)
     truth = {i.item_id: np.stack([np.stack([i.mask(k, t) for t in range(i.num_frames)])
                                   for k in range(len(i.object_ids))]) for i in items}
     export(ytvis.FORMAT, items, tmp_path / "ytvis", tmp_path / "scratch")
@@ -198,3 +198,53 @@ def test_every_format_round_trips_a_real_random_weight_run(small_run, tmp_path):
             for (frame, masklet_id), (decoded, _, _) in shapes.items():
                 t = i.source_frames.index(frame)
                 np.testing.assert_array_equal(decoded, truth[i.item_id][int(masklet_id.rsplit("/", 1)[1]), t])
+
+
+# Datumaro (the library CVAT's server is built on) reads "CVAT for images 1.1" with masks. It is not in the
+# `test` extra: datumaro 1.13.12 pins pillow~=12.0 and pyarrow~=25.0, which would downgrade the project's
+# pillow 13 and pyarrow 26. The check runs in this interpreter when datumaro imports here, or in the one named
+# by MASKLET_DATUMARO_PYTHON (e.g. a venv with only `pip install datumaro==1.13.12`).
+_DATUMARO_CHECK = """
+import json, sys
+import numpy as np
+from datumaro.components.dataset import Dataset
+folder, truth, stride = sys.argv[1], np.load(sys.argv[2]), int(sys.argv[3])
+ds = Dataset.import_from(folder, "cvat")
+n = 0
+for item in ds:
+    t = item.attributes["frame"] // stride
+    for ann in item.annotations:
+        o = int(ann.attributes["masklet_id"].rsplit("/", 1)[1])
+        assert (ann.image.astype(bool) == truth[o, t]).all(), (item.id, o)
+        n += 1
+print(json.dumps({"items": len(ds), "masks": n}))
+"""
+
+
+def _datumaro_python() -> str | None:
+    import importlib.util
+    import os
+    import sys
+
+    if importlib.util.find_spec("datumaro") is not None:
+        return sys.executable
+    return os.environ.get("MASKLET_DATUMARO_PYTHON") or None
+
+
+@pytest.mark.skipif(_datumaro_python() is None, reason="datumaro is not installed here and MASKLET_DATUMARO_PYTHON "
+                    "is not set (datumaro is left out of the `test` extra: it pins pillow~=12 and pyarrow~=25)")
+def test_cvat_export_loads_in_datumaro_bit_exact(handmade, tmp_path):
+    import subprocess
+
+    items, truth = handmade
+    export(cvat.FORMAT, items, tmp_path / "out", tmp_path / "scratch")
+    folder = tmp_path / "out" / "clip_one.mp4"
+    (folder / "images").mkdir()
+    for t in range(T):  # datumaro's reader wants the frames' files beside the XML; their content is not read
+        (folder / "images" / f"frame_{3 * t:06d}").touch()
+    np.save(tmp_path / "truth.npy", truth["clip_one.mp4"])
+    done = subprocess.run([_datumaro_python(), "-c", _DATUMARO_CHECK, str(folder), str(tmp_path / "truth.npy"), "3"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert counts == {"items": T, "masks": int(truth["clip_one.mp4"].reshape(4, T, -1).any(-1).sum())}
