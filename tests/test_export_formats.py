@@ -248,3 +248,15 @@ def test_cvat_export_loads_in_datumaro_bit_exact(handmade, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     counts = json.loads(done.stdout.strip().splitlines()[-1])
     assert counts == {"items": T, "masks": int(truth["clip_one.mp4"].reshape(4, T, -1).any(-1).sum())}
+
+
+def test_a_trained_model_run_carries_no_warning(tmp_path):
+    masks = _handmade_masks()[:2, :2]
+    item = handmade_item(tmp_path / "run", "clip.mp4", masks, random_weights=False)
+    for fmt, file in ((ytvis.FORMAT, ytvis.FILE), (coco.FORMAT, coco.FILE)):
+        _, summary = export(fmt, [item], tmp_path / fmt.name, tmp_path / "scratch")
+        meta = json.loads((tmp_path / fmt.name / file).read_text())["info"]
+        assert meta["random_weights"] is False and "warning" not in meta and summary["random_weights"] is False
+    export(cvat.FORMAT, [item], tmp_path / "cvat", tmp_path / "scratch")
+    meta = ET.parse(tmp_path / "cvat" / "clip.mp4" / cvat.FILE).getroot().find("meta/masklet")
+    assert meta.find("random_weights").text == "false" and meta.find("warning") is None
