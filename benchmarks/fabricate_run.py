@@ -65,18 +65,35 @@ def _arr(values, field: pa.Field) -> pa.Array:
 
 def shard_tables(spec: Spec, shard_id: int, items: list[MediaItem], first_index: list[int], qa: QAConfig,
                  random_weights: bool) -> dict[str, pa.Table]:
-    """The three tables of one shard's items (`first_index`: each item's position in the whole run)."""
+    """The three tables of one shard's items (`first_index`: each item's position in the whole run). One
+    generator per shard draws the items' columns, then the masklets', then the frame rows, in that order."""
     rng = np.random.default_rng([spec.seed, shard_id])
-    n = len(items)
     pos = np.asarray(first_index, dtype=np.float64)
     ramp = spec.drift * pos / max(1, spec.items - 1)  # 0 for the first item, drift for the last
+    frames = np.array([it.num_frames for it in items], dtype=np.int32)
+    width = np.array([it.width for it in items], dtype=np.int32)
+    height = np.array([it.height for it in items], dtype=np.int32)
+    cols, failed = _item_columns(spec, rng, shard_id, items, pos, frames, width, height, random_weights)
+    items_table = pa.table({f.name: _arr(_nulls(cols[f.name]), f) for f in metadata.ITEMS_SCHEMA},
+                           schema=metadata.ITEMS_SCHEMA)
+    num_obj = cols["num_objects"]
+    mcols = _masklet_columns(rng, cols["item_id"], num_obj, frames, width, height, ramp)
+    base = [f for f in metadata.MASKLETS_SCHEMA if f.name not in ("flags", "review_priority")]
+    masklets = pa.table({f.name: _arr(_nulls(mcols[f.name]), f) for f in base}, schema=pa.schema(base))
+    masklets = flag_vectorised(masklets, qa)
+    frames_table = _frame_rows(rng, items, num_obj, masklets, failed) if spec.frame_rows else \
+        metadata.empty(metadata.FRAMES_SCHEMA)
+    return {"items": items_table, "masklets": masklets, "frames": frames_table}
+
+
+def _item_columns(spec: Spec, rng, shard_id: int, items: list[MediaItem], pos: np.ndarray, frames: np.ndarray,
+                  width: np.ndarray, height: np.ndarray, random_weights: bool) -> tuple[dict, np.ndarray]:
+    """The items table's columns (by name) and which items failed."""
+    n = len(items)
     failed = rng.random(n) < spec.fail_share
     attempts = np.where(rng.random(n) < spec.retry_share, rng.integers(2, 4, n), 1).astype(np.int32)
     per_item = spec.masklets / (spec.items * (1 - spec.fail_share))  # failed items have none
     num_obj = np.where(failed, 0, rng.poisson(per_item, n)).astype(np.int32)
-    frames = np.array([it.num_frames for it in items], dtype=np.int32)
-    width = np.array([it.width for it in items], dtype=np.int32)
-    height = np.array([it.height for it in items], dtype=np.int32)
     pixels = width.astype(np.float64) * height
     per_frame = 0.2 * pixels / (1280 * 720) * rng.lognormal(0, 0.3, n)  # seconds per frame, propagate
     sec = {"decode": 0.01 * frames * rng.lognormal(0, 0.2, n), "prompt": 0.5 * rng.lognormal(0, 0.2, n),
@@ -101,12 +118,18 @@ def shard_tables(spec: Spec, shard_id: int, items: list[MediaItem], first_index:
         "coverage_mean": np.where(failed, np.nan, rng.beta(4, 3, n)), "finished_at": finished,
     }
     cols["coverage_min"] = np.where(failed, np.nan, cols["coverage_mean"] * rng.uniform(0.3, 1.0, n))
-    items_table = pa.table({f.name: _arr(_nulls(cols[f.name]), f) for f in metadata.ITEMS_SCHEMA},
-                           schema=metadata.ITEMS_SCHEMA)
+    return cols, failed
+
+
+def _masklet_columns(rng, item_ids: list[str], num_obj: np.ndarray, frames: np.ndarray, width: np.ndarray,
+                     height: np.ndarray, ramp: np.ndarray) -> dict:
+    """The masklets table's columns (by name; flags and review_priority are added from them), `num_obj` per
+    item, with scores lowered by each item's `ramp`."""
+    pixels = width.astype(np.float64) * height
     m = int(num_obj.sum())
-    owner = np.repeat(np.arange(n), num_obj)
+    owner = np.repeat(np.arange(len(num_obj)), num_obj)
     obj = (np.arange(m) - np.repeat(np.cumsum(num_obj) - num_obj, num_obj)).astype(np.int32)
-    ids = np.asarray(cols["item_id"], dtype=object)[owner]
+    ids = np.asarray(item_ids, dtype=object)[owner]
     f_item = frames[owner]
     shift = ramp[owner]
     score = lambda a, b: np.clip(rng.beta(a, b, m) - shift, 0, 1).astype(np.float32)  # noqa: E731
@@ -120,7 +143,7 @@ def shard_tables(spec: Spec, shard_id: int, items: list[MediaItem], first_index:
     iou_mean = np.clip(rng.beta(8, 1.5, m), 0, 1)
     vis_share = visible / np.maximum(1, f_item)
     none = visible == 0
-    mcols = {
+    return {
         "item_id": ids, "object_id": obj, "masklet_id": [f"{i}/{o}" for i, o in zip(ids, obj)],
         "prompt_source": ["amg"] * m, "prompt_frame": np.zeros(m, np.int32),
         "prompt_source_frame": np.zeros(m, np.int64),
@@ -149,12 +172,6 @@ def shard_tables(spec: Spec, shard_id: int, items: list[MediaItem], first_index:
         "object_score_mean": rng.normal(8, 3, m) - 10 * shift, "object_score_min": rng.normal(2, 3, m),
         "dup_iou": rng.beta(1, 8, m), "dup_object_id": np.full(m, -1, np.int32),
     }
-    base = [f for f in metadata.MASKLETS_SCHEMA if f.name not in ("flags", "review_priority")]
-    masklets = pa.table({f.name: _arr(_nulls(mcols[f.name]), f) for f in base}, schema=pa.schema(base))
-    masklets = flag_vectorised(masklets, qa)
-    frames_table = _frame_rows(rng, items, num_obj, masklets, failed) if spec.frame_rows else \
-        metadata.empty(metadata.FRAMES_SCHEMA)
-    return {"items": items_table, "masklets": masklets, "frames": frames_table}
 
 
 def _nulls(values):

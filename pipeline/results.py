@@ -125,6 +125,15 @@ def _read_file(path: str) -> pa.Table:
     return pq.ParquetFile(path, pre_buffer=False).read(use_threads=False)
 
 
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A committed table in today's schema: columns a run made by an older version lacks (the quality
+    signals, for one) come back as nulls, as the dataset reader gives them."""
+    missing = [f for f in schema if f.name not in table.column_names]
+    for f in missing:
+        table = table.append_column(f, pa.nulls(len(table), f.type))
+    return table.select(schema.names).cast(schema)
+
+
 def _read_all(shards: list[ShardFiles], name: str) -> pa.Table:
     """Every committed row of `name`, in memory: the whole files by a few threads, the rest as `_dataset`."""
     schema = SCHEMAS[name]
@@ -134,7 +143,7 @@ def _read_all(shards: list[ShardFiles], name: str) -> pa.Table:
         step = max(1, -(-len(files) // threads))  # contiguous runs of files: rows stay in shard order
         parts = [t for run in pool.map(_read_files, [files[i:i + step] for i in range(0, len(files), step)])
                  for t in run]
-    parts = [t if t.schema == schema else t.cast(schema) for t in parts]
+    parts = [t if t.schema == schema else _conform(t, schema) for t in parts]
     partly = [s for s in shards if s.partly is not None]
     if partly:
         parts.append(_dataset([ShardFiles((), s.partly, s.overridden) for s in partly], name).to_table())

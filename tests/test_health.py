@@ -147,6 +147,7 @@ def test_drift_between_the_first_and_latest_tenth(tmp_path):
     assert h["scores"]["predicted_iou"]["drift_early_late"] == 1.0
     assert h["scores"]["stability_score"]["drift_early_late"] == 0.0
     assert any(a["key"] == "scores.predicted_iou.drift_early_late" for a in h["alerts"])
+    assert "scores.predicted_iou.drift_early_late" in [f["key"] for f in h["drift"]["flagged"]]
     quiet = run_health(run, qa=QAConfig(drift_max=1.0))  # alerts only over the limit
     assert not any(a["key"] == "scores.predicted_iou.drift_early_late" for a in quiet["alerts"])
 

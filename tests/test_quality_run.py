@@ -111,3 +111,28 @@ def test_reflag_refuses_other_keys_and_shards_in_flight(signal_run, capsys):
     assert after == before, "a refused re-flag writes nothing"
     assert main(["qa", str(signal_run)]) == 0
     assert "thresholds in force: qa.tiny_area=" in capsys.readouterr().out
+
+
+def test_a_run_from_before_the_signals_still_opens_and_is_not_reflagged(signal_run, tmp_path, capsys):
+    """Committed files without the signal columns (a run made by an earlier version) read as nulls."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from pipeline.quality.signals import MASKLET_SIGNALS_SCHEMA as SIG
+    from pipeline.store.metadata import MASKLETS_SCHEMA
+
+    old = tmp_path / "old"
+    shutil.copytree(signal_run, old)
+    (old / "qa.json").unlink(missing_ok=True)
+    files = sorted(old.glob("meta/shard-*/*/masklets.parquet"))
+    assert files
+    drop = [n for n in (*SIG.names, "flags", "review_priority") if n not in
+            ("object_id", "predicted_iou", "stability_score", "frames_visible")]
+    for f in files:
+        pq.write_table(pq.read_table(f).drop_columns(drop), f)
+    masklets = open_run(old).masklets
+    assert masklets.schema.equals(MASKLETS_SCHEMA) and masklets.num_rows > 0
+    assert masklets.column("iou_mean").null_count == masklets.num_rows
+    assert main(["qa", str(old), "--set", "qa.low_score=0.5"]) == 2
+    assert "has no quality signals" in capsys.readouterr().err

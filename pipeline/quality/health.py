@@ -6,7 +6,8 @@ columns used, and its timings are kept as arrays so their percentiles are exact.
 per object: 2 million for 100,000 items) is never held whole: it is scanned in record batches with only the
 columns used, and each batch is folded into fixed-bin histograms (scores, area share, length), counters
 (flags, scores below qa.low_score) and a running top-N by review priority. What is kept is a few histograms
-per group (run, early/late tenth of items, each shard and device), not rows.
+per group (run, early/late tenth of items, each shard and device), not rows. That fold, and the masklets
+table's columns and bins, are pipeline/quality/health_masklets.py; this module turns them into the report.
 
 Only committed data is read (`open_run` sees an item whole or not at all), so a report of a run in flight is
 a report of what it finished; items not yet committed are counted as pending from the plan.
@@ -48,17 +49,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import QAConfig
-from pipeline.quality.flags import FLAG_NAMES
+from pipeline.quality.health_masklets import (AREA_EDGES, LENGTH_EDGES, SCORE_BINS, SCORES, ItemGroups, MaskletFold,
+                                              ScoreGroups, column_values, fold_masklets, histogram, sigmoid)
+# the names that lived here before the fold moved out, still importable from here (tests import TopN)
+from pipeline.quality.health_masklets import (MASKLET_COLUMNS, SHARD_SCORE_BINS, TOP_COLUMNS, TopN,  # noqa: F401
+                                              score_bin)
 
 STAGES = ("decode", "prompt", "propagate", "write", "signals", "total")
 # (label, largest shorter side in the bucket); the last bucket is unbounded
 BUCKETS = (("<=480p", 480), ("<=720p", 720), ("<=1080p", 1080), (">1080p", math.inf))
-SCORES = ("predicted_iou", "stability_score", "object_score_mean")
-SCORE_BINS = 1000  # run, early, late and per-device score histograms over [0, 1]
-SHARD_SCORE_BINS = 100  # per-shard histograms (thousands of shards): drift to within 0.01 of a score
 DRIFT_MIN_MASKLETS = 50  # smaller groups are not compared (D of a handful of values is noise)
-AREA_EDGES = np.concatenate([[0.0], np.logspace(-5, 0, 21)])  # area share: 0, then log bins 1e-5 .. 1
-LENGTH_EDGES = np.array([0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 2**31 - 1], dtype=np.int64)
 COVERAGE_EDGES = np.linspace(0.0, 1.0, 21)
 TIME_BINS = 48  # throughput over time: at most this many bins
 NICE_SECONDS = (1, 5, 10, 30, 60, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400, 604800)
@@ -67,10 +67,6 @@ BATCH_ROWS = 65_536
 ITEM_COLUMNS = ["item_id", "shard_id", "status", "error", "attempts", "num_frames", "num_objects", "width",
                 "height", "device", "device_class", *[f"seconds_{s}" for s in STAGES], "coverage_mean",
                 "coverage_min", "finished_at"]
-MASKLET_COLUMNS = ["item_id", "masklet_id", "object_id", *SCORES, "area_share_mean", "frames_visible", "flags",
-                   "review_priority"]
-TOP_COLUMNS = ["masklet_id", "item_id", "object_id", "review_priority", "flags", *SCORES, "iou_min", "iou_mean",
-               "frames_visible", "first_frame", "last_frame", "area_share_mean"]
 
 
 # ---------------------------------------------------------------- small pure functions (tested one by one)
@@ -160,26 +156,6 @@ def hist_quantile(counts, edges, q: float) -> float | None:
     return float(edges[i] + frac * (edges[i + 1] - edges[i]))
 
 
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
-
-
-def histogram(values, edges) -> list[int]:
-    """Counts of the finite values in [edges[i], edges[i+1]) (the last bin closed; outside values clipped in)."""
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    idx = np.clip(np.searchsorted(edges, v, side="right") - 1, 0, len(edges) - 2)
-    return np.bincount(idx, minlength=len(edges) - 1).astype(np.int64).tolist()
-
-
-def score_bin(values: np.ndarray, bins: int) -> np.ndarray:
-    """Bin index in [0, bins) of each score in [0, 1] (clipped; NaN -> -1)."""
-    v = np.asarray(values, dtype=np.float64)
-    idx = np.clip(np.floor(v * bins), 0, bins - 1)
-    return np.where(np.isnan(v), -1, idx).astype(np.int64)
-
-
 def nice_bin_seconds(span_s: float, max_bins: int = TIME_BINS) -> int:
     """The smallest of NICE_SECONDS that covers `span_s` in at most `max_bins` bins."""
     for s in NICE_SECONDS:
@@ -187,79 +163,6 @@ def nice_bin_seconds(span_s: float, max_bins: int = TIME_BINS) -> int:
             return s
     return int(math.ceil(span_s / max_bins / 86400.0)) * 86400
 
-
-class TopN:
-    """The n rows of highest review priority seen so far (ties: smaller masklet_id first), fed batch by batch:
-    each batch's candidates are cut to n with argpartition before they meet the kept rows."""
-
-    def __init__(self, n: int):
-        self.n = n
-        self.rows: list[dict] = []
-
-    def add(self, batch: pa.RecordBatch | pa.Table) -> None:
-        if self.n <= 0 or not len(batch):
-            return
-        pri = np.asarray(batch.column("review_priority").to_numpy(zero_copy_only=False), dtype=np.float64)
-        pri = np.where(np.isnan(pri), -np.inf, pri)
-        if len(pri) > self.n:
-            cut = np.partition(pri, len(pri) - self.n)[len(pri) - self.n]
-            take = np.flatnonzero(pri >= cut)  # ties at the cut all kept: the masklet_id decides below
-        else:
-            take = np.arange(len(pri))
-        part = batch.take(pa.array(take, pa.int64()))
-        cols = [c for c in TOP_COLUMNS if c in part.schema.names]
-        cand = pa.Table.from_batches([part]) if isinstance(part, pa.RecordBatch) else part
-        self.rows.extend(cand.select(cols).to_pylist())
-        self.rows.sort(key=lambda r: (-(r["review_priority"] if r["review_priority"] is not None else -math.inf),
-                                      r["masklet_id"]))
-        del self.rows[self.n:]
-
-
-# ---------------------------------------------------------------- masklets: a histogram accumulator per group
-
-class _ScoreGroups:
-    """Score histograms of groups 0..k-1 (k may grow): counts[group, score, bin]."""
-
-    def __init__(self, bins: int):
-        self.bins = bins
-        self.counts = np.zeros((0, len(SCORES), bins), dtype=np.int64)
-
-    def add(self, group: np.ndarray, score_index: int, bins: np.ndarray, groups: int) -> None:
-        if groups > self.counts.shape[0]:
-            grown = np.zeros((groups, len(SCORES), self.bins), dtype=np.int64)
-            grown[: self.counts.shape[0]] = self.counts
-            self.counts = grown
-        ok = (bins >= 0) & (group >= 0)
-        flat = group[ok] * self.bins + bins[ok]
-        add = np.bincount(flat, minlength=groups * self.bins)[: groups * self.bins]
-        self.counts[:groups, score_index] += add.reshape(groups, self.bins)
-
-
-def _coalesce(batches, rows: int):
-    """Tables of at least `rows` rows (the last may be shorter) from a stream of record batches: a shard's
-    file gives a batch of a few thousand rows, and each batch pays a fixed cost (the item-id lookup builds
-    a hash of every item id: 1,000 such batches cost 4.6 of 8 seconds, measured at 100,000 items)."""
-    held, n = [], 0
-    for batch in batches:
-        if not len(batch):
-            continue
-        held.append(batch)
-        n += len(batch)
-        if n >= rows:
-            yield pa.Table.from_batches(held)
-            held, n = [], 0
-    if held:
-        yield pa.Table.from_batches(held)
-
-
-def _column(batch, name: str, dtype=np.float64) -> np.ndarray:
-    return np.asarray(batch.column(name).to_numpy(zero_copy_only=False), dtype=dtype)
-
-
-def _scores(batch) -> dict[str, np.ndarray]:
-    out = {name: _column(batch, name) for name in SCORES}
-    out["object_score_mean"] = sigmoid(out["object_score_mean"])
-    return out
 
 
 # ---------------------------------------------------------------- the report
@@ -290,7 +193,7 @@ def _items_arrays(run) -> dict[str, np.ndarray]:
         if name == "finished_at":
             a[name] = np.asarray(col.cast(pa.int64()).to_numpy(zero_copy_only=False), dtype=np.float64) / 1000.0
         else:
-            a[name] = _column(table, name)
+            a[name] = column_values(table, name)
     return a
 
 
@@ -383,196 +286,168 @@ def run_health(run, qa: QAConfig | None = None, top_n: int = 12, time_bins: int 
     from pipeline.quality.reflag import current_qa
 
     qa = qa or current_qa(run.paths, run.plan.config)
-    alerts: list[dict] = []
     a = _items_arrays(run)
-    n = a["n"]
     done, failed = a["done"], a["failed"]
     finished = done | failed
     frames = a["num_frames"]
     ms_total = np.where(done & (frames > 0), a["seconds_total"] * 1000.0 / np.where(frames > 0, frames, 1), np.nan)
-    planned = int(run.plan.num_items)
+    groups = ItemGroups.of(done, a["finished_at"], a["shard_id"], a["device_names"], a["device_code"])
+    fold = fold_masklets(run.dataset("masklets"), a["ids"], groups, qa.low_score, top_n, batch_rows)
 
-    # early / late tenth of done items by finish time; shard and device group codes per item
-    order = np.flatnonzero(done)
-    order = order[np.argsort(a["finished_at"][order], kind="stable")]
-    tenth = max(1, len(order) // 10) if len(order) >= 2 else 0
-    phase = np.zeros(n, dtype=np.int64)  # 0: middle, 1: early tenth, 2: late tenth
-    if tenth:
-        phase[order[:tenth]] = 1
-        phase[order[-tenth:]] = 2
-    shard_ids = np.nan_to_num(a["shard_id"], nan=-1).astype(np.int64)
-    shard_keys = np.unique(shard_ids).tolist()
-    shard_code = np.searchsorted(np.asarray(shard_keys, dtype=np.int64), shard_ids).astype(np.int64)
-    device_keys, device_code = a["device_names"], a["device_code"]
+    # the alerts' order: scores (early/late drift among them), then shard and device drift, then latency
+    alerts: list[dict] = []
+    scores = _score_summary(fold, qa, alerts)
+    by_shard = _by_shard(groups, fold, done, failed, ms_total)
+    by_device = _by_device(groups, fold, done, failed, ms_total)
+    alerts.extend(_group_drift_alerts(by_shard, by_device, qa))
+    latency = _latency(a, done, qa, alerts)
+    return {
+        "version": 1,
+        "run": _run_summary(run, a, groups, fold),
+        "thresholds": asdict(qa),
+        "latency": latency,
+        "over_time": _over_time(a, finished, done, failed, ms_total, time_bins),
+        "by_shard": by_shard,
+        "by_device": by_device,
+        "scores": scores,
+        "drift": {"early_items": groups.tenth, "late_items": groups.tenth, "min_masklets": DRIFT_MIN_MASKLETS,
+                  "statistic": "two-sample Kolmogorov-Smirnov D on histograms",
+                  "flagged": [{"key": x["key"], "value": x["value"], "message": x["message"]}
+                              for x in alerts if x["kind"] == "drift"]},  # early/late, shard and device
+        "failures": _failures(a, finished, failed),
+        **_distributions(a, fold),
+        "alerts": alerts,
+        "top_masklets": [_jsonable(r) for r in fold.top.rows],
+    }
 
-    # masklets, batch by batch
-    run_hist = _ScoreGroups(SCORE_BINS)  # groups: 0 run, 1 early, 2 late
-    dev_hist = _ScoreGroups(SCORE_BINS)
-    shard_hist = _ScoreGroups(SHARD_SCORE_BINS)
-    score_n = {s: 0 for s in SCORES}
-    score_sum = {s: 0.0 for s in SCORES}
-    score_low = {s: 0 for s in SCORES}
-    area_counts = np.zeros(len(AREA_EDGES) - 1, dtype=np.int64)
-    area_null = 0
-    length_counts = np.zeros(len(LENGTH_EDGES) - 1, dtype=np.int64)
-    flag_counts = {f: 0 for f in FLAG_NAMES}
-    by_flag_count: dict[int, int] = {}
-    unflagged = flags_null = 0
-    masklets = 0
-    masklets_per_shard = np.zeros(len(shard_keys), dtype=np.int64)
-    top = TopN(top_n)
-    dataset = run.dataset("masklets")
-    columns = [c for c in dict.fromkeys(MASKLET_COLUMNS + TOP_COLUMNS)]
-    low32 = np.float32(qa.low_score)
-    batches = dataset.to_batches(columns=columns, batch_size=batch_rows, batch_readahead=1, fragment_readahead=1)
-    for batch in _coalesce(batches, batch_rows):
-        masklets += len(batch)
-        found = pc.index_in(batch.column("item_id"), value_set=a["ids"])
-        item = np.asarray(pc.fill_null(found, -1).to_numpy(zero_copy_only=False), dtype=np.int64)
-        known = item >= 0
-        ph = np.where(known, phase[np.where(known, item, 0)], -1)
-        sh = np.where(known, shard_code[np.where(known, item, 0)], -1)
-        dv = np.where(known, device_code[np.where(known, item, 0)], -1)
-        masklets_per_shard += np.bincount(sh[sh >= 0], minlength=len(shard_keys))[: len(shard_keys)]
-        scores = _scores(batch)
-        for k, name in enumerate(SCORES):
-            v = scores[name]
-            finite = np.isfinite(v)
-            score_n[name] += int(finite.sum())
-            score_sum[name] += float(v[finite].sum())
-            if name == "object_score_mean":
-                score_low[name] += int((v[finite] < qa.low_score).sum())
-            else:
-                score_low[name] += int((_column(batch, name, np.float32) < low32).sum())
-            fine = score_bin(v, SCORE_BINS)
-            run_hist.add(np.zeros(len(v), dtype=np.int64), k, fine, 3)
-            run_hist.add(np.where(ph > 0, ph, -1), k, fine, 3)
-            dev_hist.add(dv, k, fine, max(1, len(device_keys)))
-            shard_hist.add(sh, k, score_bin(v, SHARD_SCORE_BINS), max(1, len(shard_keys)))
-        area = _column(batch, "area_share_mean")
-        area_null += int((~np.isfinite(area)).sum())
-        area_counts += np.asarray(histogram(area, AREA_EDGES), dtype=np.int64)
-        length = _column(batch, "frames_visible")
-        length_counts += np.asarray(histogram(length, LENGTH_EDGES.astype(np.float64)), dtype=np.int64)
-        flags = batch.column("flags")
-        flags_null += flags.null_count
-        lengths = np.asarray(pc.list_value_length(flags).to_numpy(zero_copy_only=False), dtype=np.float64)
-        unflagged += int((lengths == 0).sum())
-        for k, c in zip(*np.unique(lengths[np.isfinite(lengths)].astype(np.int64), return_counts=True)):
-            by_flag_count[int(k)] = by_flag_count.get(int(k), 0) + int(c)
-        flat = pc.list_flatten(flags)
-        if len(flat):
-            for entry in pc.value_counts(flat).to_pylist():
-                flag_counts[entry["values"]] = flag_counts.get(entry["values"], 0) + int(entry["counts"])
-        top.add(batch)
 
-    # scores and drift
+def _run_summary(run, a: dict, groups: ItemGroups, fold: MaskletFold) -> dict:
+    """The report's `run` section: what was planned, committed, done and failed, and when."""
+    n, planned = a["n"], int(run.plan.num_items)
+    done, failed = a["done"], a["failed"]
+    fin_t = a["finished_at"][(done | failed) & np.isfinite(a["finished_at"])]
+    return {
+        "root": str(run.paths.root), "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "random_weights": bool(run.random_weights), "items_planned": planned, "items_committed": n,
+        "items_done": int(done.sum()), "items_failed": int(failed.sum()), "items_pending": max(0, planned - n),
+        "in_flight": planned > n, "masklets": fold.masklets, "shards_planned": len(run.plan.shard_ids),
+        "shards_committed": len([k for k in groups.shard_keys if k >= 0]), "devices": groups.device_keys,
+        "first_finished_at": _iso(float(fin_t.min())) if len(fin_t) else None,
+        "last_finished_at": _iso(float(fin_t.max())) if len(fin_t) else None,
+        "frames_done": int(np.nansum(a["num_frames"][done])),
+    }
+
+
+def _score_summary(fold: MaskletFold, qa: QAConfig, alerts: list) -> dict:
+    """The report's `scores` section: per score, the run's count, mean, median and share below qa.low_score,
+    the early and late tenth's medians and their drift (KS D on histograms); its alerts go to `alerts`."""
     score_edges = np.linspace(0.0, 1.0, SCORE_BINS + 1)
-    scores_out = {}
-    drift_alerts: list[dict] = []
+    counts = fold.run_hist.counts  # groups: 0 run, 1 early, 2 late (no rows at all when no masklets)
+    out = {}
     for k, name in enumerate(SCORES):
-        hist = run_hist.counts[0, k] if run_hist.counts.shape[0] else np.zeros(SCORE_BINS, dtype=np.int64)
-        cnt = score_n[name]
+        hist, early, late = (counts[g, k] if counts.shape[0] else np.zeros(SCORE_BINS, dtype=np.int64)
+                             for g in range(3))
+        cnt = fold.score_n[name]
         median = hist_quantile(hist, score_edges, 0.5)
-        share_low = score_low[name] / cnt if cnt else None
-        early = run_hist.counts[1, k] if run_hist.counts.shape[0] else np.zeros(SCORE_BINS, dtype=np.int64)
-        late = run_hist.counts[2, k] if run_hist.counts.shape[0] else np.zeros(SCORE_BINS, dtype=np.int64)
+        share_low = fold.score_low[name] / cnt if cnt else None
         d = ks_from_histograms(early, late) if min(early.sum(), late.sum()) >= DRIFT_MIN_MASKLETS else None
-        scores_out[name] = {
-            "count": cnt, "null": masklets - cnt, "mean": _num(score_sum[name] / cnt) if cnt else None,
+        out[name] = {
+            "count": cnt, "null": fold.masklets - cnt, "mean": _num(fold.score_sum[name] / cnt) if cnt else None,
             "median": _num(median), "share_below_low": _num(share_low),
             "early_median": _num(hist_quantile(early, score_edges, 0.5)),
             "late_median": _num(hist_quantile(late, score_edges, 0.5)),
             "drift_early_late": _num(d),
             "histogram": _coarse(hist, 50), "early_histogram": _coarse(early, 50), "late_histogram": _coarse(late, 50),
         }
-        key = f"scores.{name}"
-        if median is not None and median < qa.score_median_min:
-            alerts.append({"kind": "score_median", "key": f"{key}.median", "value": median,
-                           "limit": qa.score_median_min,
-                           "message": f"median {name} is {median:.3f}, under qa.score_median_min="
-                                      f"{qa.score_median_min:g}"})
-        if share_low is not None and share_low > qa.score_low_share_max:
-            alerts.append({"kind": "score_low_share", "key": f"{key}.share_below_low", "value": share_low,
-                           "limit": qa.score_low_share_max,
-                           "message": f"{share_low:.1%} of {name} are below qa.low_score={qa.low_score:g}, over "
-                                      f"qa.score_low_share_max={qa.score_low_share_max:g}"})
-        if d is not None and d > qa.drift_max:
-            alerts.append({"kind": "drift", "key": f"{key}.drift_early_late", "value": d, "limit": qa.drift_max,
-                           "message": f"{name} drifted between the first and the latest tenth of items: KS D = "
-                                      f"{d:.3f} > qa.drift_max={qa.drift_max:g}"})
+        alerts.extend(_score_alerts(name, median, share_low, d, qa))
+    return out
 
-    def group_drift(hist: _ScoreGroups, g: int) -> dict:
-        out = {}
-        for k, name in enumerate(SCORES):
-            if g >= hist.counts.shape[0]:
-                out[name] = None
-                continue
-            mine = hist.counts[g, k]
-            rest = hist.counts[:, k].sum(axis=0) - mine
-            ok = min(mine.sum(), rest.sum()) >= DRIFT_MIN_MASKLETS
-            out[name] = _num(ks_from_histograms(mine, rest)) if ok else None
-        return out
 
-    by_shard = _group_stats(shard_ids, done, failed, ms_total)
-    for g, entry in enumerate(by_shard):  # np.unique order: the same as shard_keys
+def _score_alerts(name: str, median: float | None, share_low: float | None, drift: float | None,
+                  qa: QAConfig) -> list[dict]:
+    key = f"scores.{name}"
+    alerts = []
+    if median is not None and median < qa.score_median_min:
+        alerts.append({"kind": "score_median", "key": f"{key}.median", "value": median,
+                       "limit": qa.score_median_min,
+                       "message": f"median {name} is {median:.3f}, under qa.score_median_min="
+                                  f"{qa.score_median_min:g}"})
+    if share_low is not None and share_low > qa.score_low_share_max:
+        alerts.append({"kind": "score_low_share", "key": f"{key}.share_below_low", "value": share_low,
+                       "limit": qa.score_low_share_max,
+                       "message": f"{share_low:.1%} of {name} are below qa.low_score={qa.low_score:g}, over "
+                                  f"qa.score_low_share_max={qa.score_low_share_max:g}"})
+    if drift is not None and drift > qa.drift_max:
+        alerts.append({"kind": "drift", "key": f"{key}.drift_early_late", "value": drift, "limit": qa.drift_max,
+                       "message": f"{name} drifted between the first and the latest tenth of items: KS D = "
+                                  f"{drift:.3f} > qa.drift_max={qa.drift_max:g}"})
+    return alerts
+
+
+def _group_drift(hist: ScoreGroups, g: int) -> dict:
+    """KS D of each score between group g and the rest of the run (None for groups too small to compare)."""
+    out = {}
+    for k, name in enumerate(SCORES):
+        if g >= hist.counts.shape[0]:
+            out[name] = None
+            continue
+        mine = hist.counts[g, k]
+        rest = hist.counts[:, k].sum(axis=0) - mine
+        ok = min(mine.sum(), rest.sum()) >= DRIFT_MIN_MASKLETS
+        out[name] = _num(ks_from_histograms(mine, rest)) if ok else None
+    return out
+
+
+def _by_shard(groups: ItemGroups, fold: MaskletFold, done: np.ndarray, failed: np.ndarray,
+              ms_total: np.ndarray) -> list[dict]:
+    by_shard = _group_stats(groups.shard_ids, done, failed, ms_total)
+    for g, entry in enumerate(by_shard):  # np.unique order: the same as groups.shard_keys
         entry["shard_id"] = entry.pop("key")
-        entry["masklets"] = int(masklets_per_shard[g])
-        entry["drift"] = group_drift(shard_hist, g)
-    by_device = _group_stats(device_code, done, failed, ms_total)
+        entry["masklets"] = int(fold.masklets_per_shard[g])
+        entry["drift"] = _group_drift(fold.shard_hist, g)
+    return by_shard
+
+
+def _by_device(groups: ItemGroups, fold: MaskletFold, done: np.ndarray, failed: np.ndarray,
+               ms_total: np.ndarray) -> list[dict]:
+    by_device = _group_stats(groups.device_code, done, failed, ms_total)
     for entry in by_device:
         g = entry.pop("key")
-        entry["device"] = device_keys[g]
-        entry["drift"] = group_drift(dev_hist, g)
+        entry["device"] = groups.device_keys[g]
+        entry["drift"] = _group_drift(fold.dev_hist, g)
+    return by_device
+
+
+def _group_drift_alerts(by_shard: list[dict], by_device: list[dict], qa: QAConfig) -> list[dict]:
+    alerts = []
     for label, groups, field in (("shard", by_shard, "shard_id"), ("device", by_device, "device")):
         for i, entry in enumerate(groups):
             for name, d in entry["drift"].items():
                 if d is not None and d > qa.drift_max:
-                    drift_alerts.append({"kind": "drift", "key": f"by_{label}.{i}.drift.{name}", "value": d,
-                                         "limit": qa.drift_max,
-                                         "message": f"{label} {entry[field]}: {name} differs from the rest of the "
-                                                    f"run, KS D = {d:.3f} > qa.drift_max={qa.drift_max:g}"})
-    alerts.extend(drift_alerts)
-    latency = _latency(a, done, qa, alerts)
-    failures = _failures(a, finished, failed)
+                    alerts.append({"kind": "drift", "key": f"by_{label}.{i}.drift.{name}", "value": d,
+                                   "limit": qa.drift_max,
+                                   "message": f"{label} {entry[field]}: {name} differs from the rest of the "
+                                              f"run, KS D = {d:.3f} > qa.drift_max={qa.drift_max:g}"})
+    return alerts
+
+
+def _distributions(a: dict, fold: MaskletFold) -> dict:
+    """The report's histogram sections, in the report's order: masklets per item, area share, frames
+    visible, flags, coverage."""
+    done = a["done"]
     per_item = a["num_objects"][done]
-    fin_t = a["finished_at"][finished & np.isfinite(a["finished_at"])]
     return {
-        "version": 1,
-        "run": {
-            "root": str(run.paths.root), "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "random_weights": bool(run.random_weights), "items_planned": planned, "items_committed": n,
-            "items_done": int(done.sum()), "items_failed": int(failed.sum()), "items_pending": max(0, planned - n),
-            "in_flight": planned > n, "masklets": masklets, "shards_planned": len(run.plan.shard_ids),
-            "shards_committed": len([k for k in shard_keys if k >= 0]), "devices": device_keys,
-            "first_finished_at": _iso(float(fin_t.min())) if len(fin_t) else None,
-            "last_finished_at": _iso(float(fin_t.max())) if len(fin_t) else None,
-            "frames_done": int(np.nansum(frames[done])),
-        },
-        "thresholds": asdict(qa),
-        "latency": latency,
-        "over_time": _over_time(a, finished, done, failed, ms_total, time_bins),
-        "by_shard": by_shard,
-        "by_device": by_device,
-        "scores": scores_out,
-        "drift": {"early_items": tenth, "late_items": tenth, "min_masklets": DRIFT_MIN_MASKLETS,
-                  "statistic": "two-sample Kolmogorov-Smirnov D on histograms",
-                  "flagged": [{"key": x["key"], "value": x["value"], "message": x["message"]} for x in drift_alerts]},
-        "failures": failures,
         "masklets_per_item": {**percentiles(per_item), "max": _num(np.nanmax(per_item)) if len(per_item) else None,
                               "histogram": {"edges": LENGTH_EDGES[:-1].tolist() + [None],
                                             "counts": histogram(per_item, LENGTH_EDGES.astype(np.float64))}},
-        "area_share": {"edges": AREA_EDGES.tolist(), "counts": area_counts.tolist(), "null": area_null},
-        "frames_visible": {"edges": LENGTH_EDGES[:-1].tolist() + [None], "counts": length_counts.tolist()},
-        "flags": {"counts": flag_counts, "unflagged": unflagged, "not_flagged_yet": flags_null,
-                  "by_number_of_flags": {str(k): v for k, v in sorted(by_flag_count.items())}},
+        "area_share": {"edges": AREA_EDGES.tolist(), "counts": fold.area_counts.tolist(), "null": fold.area_null},
+        "frames_visible": {"edges": LENGTH_EDGES[:-1].tolist() + [None], "counts": fold.length_counts.tolist()},
+        "flags": {"counts": fold.flag_counts, "unflagged": fold.unflagged, "not_flagged_yet": fold.flags_null,
+                  "by_number_of_flags": {str(k): v for k, v in sorted(fold.by_flag_count.items())}},
         "coverage": {"mean": percentiles(a["coverage_mean"][done]), "min": percentiles(a["coverage_min"][done]),
                      "histogram": {"edges": COVERAGE_EDGES.tolist(),
                                    "counts": histogram(a["coverage_mean"][done], COVERAGE_EDGES)}},
-        "alerts": alerts,
-        "top_masklets": [_jsonable(r) for r in top.rows],
     }
-
 
 def _coarse(hist: np.ndarray, bins: int) -> dict:
     """A fine histogram over [0, 1] summed into `bins` bins (SCORE_BINS must be a multiple of bins)."""
