@@ -260,3 +260,17 @@ def test_a_trained_model_run_carries_no_warning(tmp_path):
     export(cvat.FORMAT, [item], tmp_path / "cvat", tmp_path / "scratch")
     meta = ET.parse(tmp_path / "cvat" / "clip.mp4" / cvat.FILE).getroot().find("meta/masklet")
     assert meta.find("random_weights").text == "false" and meta.find("warning") is None
+
+
+def test_labels_become_categories_in_every_format(tmp_path):
+    item = handmade_item(tmp_path / "run", "clip.mp4", _handmade_masks()[:3, :3])
+    item.extra["labels"] = {1: "dog"}
+    for fmt, file in ((ytvis.FORMAT, ytvis.FILE), (coco.FORMAT, coco.FILE)):
+        export(fmt, [item], tmp_path / fmt.name, tmp_path / "scratch")
+        data = json.loads((tmp_path / fmt.name / file).read_text())
+        assert [c["name"] for c in data["categories"]] == ["object", "dog"]
+        assert {(a["object_id"], a["category_id"]) for a in data["annotations"]} >= {(0, 1), (1, 2)}
+    export(cvat.FORMAT, [item], tmp_path / "cvat", tmp_path / "scratch")
+    root = ET.parse(tmp_path / "cvat" / "clip.mp4" / cvat.FILE).getroot()
+    assert sorted(n.text for n in root.findall("meta/task/labels/label/name")) == ["dog", "object"]
+    assert {m.get("label") for m in root.iter("mask") if m.find("attribute[@name='object_id']").text == "1"} == {"dog"}

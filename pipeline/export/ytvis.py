@@ -64,6 +64,7 @@ class YtvisFormat:
 
     def write_item(self, item: ItemExport, stage: Path) -> dict:
         labels = item.extra.get("labels") or {}
+        category = {o: labels.get(o, "object") for o in item.object_ids}
         scores = object_scores(item)
         rows = item.masklets.to_pylist()
         video = {"item_id": item.item_id, "kind": item.item.get("kind"), "path": item.item.get("path"),
@@ -87,7 +88,7 @@ class YtvisFormat:
                     area, box = coco_area_bbox(rle)
                     segs.append(rle), areas.append(area), boxes.append(box)
                 yield {"annotation": {
-                    "category": labels.get(object_id, "object"), "iscrowd": 0,
+                    "category": category[object_id], "iscrowd": 0,
                     "height": item.height, "width": item.width, "length": item.num_frames,
                     "segmentations": segs, "areas": areas, "bboxes": boxes,
                     "score": row.get("predicted_iou"), **masklet_extras(row),
@@ -95,14 +96,14 @@ class YtvisFormat:
 
         rel = parts.part_path(self.name, item.item_id)
         parts.write_part(stage, rel, records())
-        return {"item_id": item.item_id, "part": rel, "annotations": len(item.object_ids),
-                "frames": item.num_frames, "absent_frames": absent}
+        return {"item_id": item.item_id, "part": rel, "categories": sorted(set(category.values())),
+                "annotations": len(item.object_ids), "frames": item.num_frames, "absent_frames": absent}
 
     def finish(self, dest: Path, items: list[dict], run: RunInfo) -> dict:
         categories: dict[str, int] = {"object": 1}
-        for s in items:  # category names are few; the annotations are read again below, one at a time
-            for ann in parts.read_part(dest, s["part"], "annotation"):
-                categories.setdefault(ann["category"], len(categories) + 1)
+        for s in items:  # from the summaries: no pass over the parts for a handful of names
+            for name in s["categories"]:
+                categories.setdefault(name, len(categories) + 1)
         tmp = dest / (FILE + ".tmp")
         counts = {}
         with open(tmp, "w", encoding="utf-8") as f:
