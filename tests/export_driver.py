@@ -81,8 +81,9 @@ def handmade_item(root: Path, item_id: str, masks: np.ndarray, kind: str = "vide
                       mask=lambda k, t: np.asarray(arr[k, t]))
 
 
-def export(fmt, items: list[ItemExport], dest: Path, scratch: Path) -> tuple[list[dict], dict]:
-    """write_item into an empty per-item stage, publish the stage into dest, then finish."""
+def export(fmt, items: list[ItemExport], dest: Path, scratch: Path, finish: bool = True):
+    """write_item into an empty per-item stage, publish the stage into dest, then finish (summaries, and
+    finish's summary or None)."""
     dest.mkdir(parents=True, exist_ok=True)
     summaries = []
     for n, item in enumerate(items):
@@ -92,4 +93,4 @@ def export(fmt, items: list[ItemExport], dest: Path, scratch: Path) -> tuple[lis
         summaries.append(fmt.write_item(item, stage))
         shutil.copytree(stage, dest, dirs_exist_ok=True)
         shutil.rmtree(stage)
-    return summaries, fmt.finish(dest, summaries, items[0].run)
+    return summaries, (fmt.finish(dest, summaries, items[0].run) if finish else None)

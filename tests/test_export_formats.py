@@ -274,3 +274,25 @@ def test_labels_become_categories_in_every_format(tmp_path):
     root = ET.parse(tmp_path / "cvat" / "clip.mp4" / cvat.FILE).getroot()
     assert sorted(n.text for n in root.findall("meta/task/labels/label/name")) == ["dog", "object"]
     assert {m.get("label") for m in root.iter("mask") if m.find("attribute[@name='object_id']").text == "1"} == {"dog"}
+
+
+@pytest.mark.parametrize("module", [ytvis, coco], ids=lambda m: m.FORMAT.name)
+def test_finish_killed_while_removing_parts_finishes_on_rerun(module, handmade, tmp_path):
+    """A finish killed after publishing its file, with some parts already removed: the rerun keeps the
+    (whole) file, returns the same summary and removes the rest."""
+    from pipeline.export import parts
+
+    fmt = module.FORMAT
+    items, _ = handmade
+    dest = tmp_path / "out"
+    summaries, _ = export(fmt, items, dest, tmp_path / "scratch", finish=False)
+    kept = {s["part"]: (dest / s["part"]).read_bytes() for s in summaries}
+    first = fmt.finish(dest, summaries, items[0].run)
+    merged = dest / module.FILE
+    text = merged.read_bytes()
+    (dest / summaries[1]["part"]).parent.mkdir(parents=True)
+    (dest / summaries[1]["part"]).write_bytes(kept[summaries[1]["part"]])  # part 0 was removed, part 1 not yet
+    assert parts.already_merged(dest, merged.name, fmt.name, summaries)
+    assert fmt.finish(dest, summaries, items[0].run) == first
+    assert merged.read_bytes() == text and not (dest / ".parts").exists()
+    assert [p.name for p in dest.iterdir()] == [module.FILE]

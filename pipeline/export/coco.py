@@ -83,42 +83,44 @@ class CocoFormat:
             n_images += s["images"]
             n_videos += bool(s["video"])
             video_ids.append(n_videos if s["video"] else None)
-        tmp = dest / (FILE + ".tmp")
-        counts = {}
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("{")
-            w = parts.JsonArrayWriter(f)
+        summary = {"file": FILE, "videos": n_videos, "images": n_images,
+                   "annotations": sum(s["annotations"] for s in items), "categories": len(categories),
+                   "random_weights": run.random_weights}
+        if parts.already_merged(dest, FILE, self.name, items):
+            parts.remove_parts(dest, self.name)
+            return summary
+
+        def videos():
+            for s, vid in zip(items, video_ids):
+                for v in parts.read_part(dest, s["part"], "video"):
+                    yield {"id": vid, **v}
+
+        def images():
+            for s, first, vid in zip(items, first_image, video_ids):
+                for im in parts.read_part(dest, s["part"], "image"):
+                    extra = {"video_id": vid} if vid is not None else {}
+                    yield {"id": first + im["frame"], **im, **extra}
+
+        def annotations():
+            ann_id = 0
+            for s, first, vid in zip(items, first_image, video_ids):
+                for a in parts.read_part(dest, s["part"], "annotation"):
+                    ann_id += 1
+                    frame, name = a.pop("frame"), a.pop("category")
+                    extra = {"video_id": vid} if vid is not None else {}
+                    yield {"id": ann_id, "image_id": first + frame, "category_id": categories[name], **a, **extra}
+
+        def body(w: parts.JsonArrayWriter) -> None:
             w.key("info", info(run, "masklet export, COCO instance format"))
             w.key("licenses", [])
             w.key("categories", [{"id": i, "name": n, "supercategory": "object"} for n, i in categories.items()])
+            w.array("videos", videos())
+            w.array("images", images())
+            w.array("annotations", annotations())
 
-            def videos():
-                for s, vid in zip(items, video_ids):
-                    for v in parts.read_part(dest, s["part"], "video"):
-                        yield {"id": vid, **v}
-
-            def images():
-                for s, first, vid in zip(items, first_image, video_ids):
-                    for im in parts.read_part(dest, s["part"], "image"):
-                        extra = {"video_id": vid} if vid is not None else {}
-                        yield {"id": first + im["frame"], **im, **extra}
-
-            def annotations():
-                ann_id = 0
-                for s, first, vid in zip(items, first_image, video_ids):
-                    for a in parts.read_part(dest, s["part"], "annotation"):
-                        ann_id += 1
-                        frame, name = a.pop("frame"), a.pop("category")
-                        extra = {"video_id": vid} if vid is not None else {}
-                        yield {"id": ann_id, "image_id": first + frame, "category_id": categories[name], **a, **extra}
-
-            counts["videos"] = w.array("videos", videos())
-            counts["images"] = w.array("images", images())
-            counts["annotations"] = w.array("annotations", annotations())
-            f.write("}\n")
-        parts.publish(tmp, dest / FILE)
+        parts.write_json(dest / FILE, body)
         parts.remove_parts(dest, self.name)
-        return {"file": FILE, **counts, "categories": len(categories), "random_weights": run.random_weights}
+        return summary
 
 
 FORMAT = CocoFormat()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
@@ -17,6 +16,7 @@ from typing import IO, Any, Iterable, Iterator
 import numpy as np
 
 from pipeline.paths import check_component
+from pipeline.store.atomic import write_atomic
 
 PARTS = ".parts"
 
@@ -90,9 +90,23 @@ class JsonArrayWriter:
         return n
 
 
-def publish(tmp: Path, final: Path) -> None:
-    """The final file appears whole or not at all."""
-    os.replace(tmp, final)
+def already_merged(dest: Path, file: str, fmt: str, items: list[dict]) -> bool:
+    """True when an earlier `finish` published `file` and then began removing the parts (killed in between):
+    the file is whole (it was published in one rename before any part was removed), so there is nothing to
+    redo. With every part present, `finish` merges again (the file is then rewritten identically)."""
+    return (dest / file).exists() and any(not (dest / s["part"]).exists() for s in items)
+
+
+def write_json(path: Path, write_body) -> None:
+    """Write `{...}` through `write_body(JsonArrayWriter)` to a temporary beside `path`, published in one
+    rename (pipeline/store/atomic.py: its temporaries are what the export runner clears after a kill)."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("{")
+            write_body(JsonArrayWriter(f))
+            f.write("}\n")
+
+    write_atomic(path, write)
 
 
 def remove_parts(dest: Path, fmt: str) -> None:

@@ -104,35 +104,36 @@ class YtvisFormat:
         for s in items:  # from the summaries: no pass over the parts for a handful of names
             for name in s["categories"]:
                 categories.setdefault(name, len(categories) + 1)
-        tmp = dest / (FILE + ".tmp")
-        counts = {}
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("{")
-            w = parts.JsonArrayWriter(f)
+        summary = {"file": FILE, "videos": len(items), "annotations": sum(s["annotations"] for s in items),
+                   "categories": len(categories), "absent_frames": sum(s["absent_frames"] for s in items),
+                   "random_weights": run.random_weights}
+        if parts.already_merged(dest, FILE, self.name, items):
+            parts.remove_parts(dest, self.name)
+            return summary
+
+        def videos():
+            for vid, s in enumerate(items, start=1):
+                for v in parts.read_part(dest, s["part"], "video"):
+                    yield {"id": vid, **v}
+
+        def annotations():
+            ann_id = 0
+            for vid, s in enumerate(items, start=1):
+                for a in parts.read_part(dest, s["part"], "annotation"):
+                    ann_id += 1
+                    name = a.pop("category")
+                    yield {"id": ann_id, "video_id": vid, "category_id": categories[name], **a}
+
+        def body(w: parts.JsonArrayWriter) -> None:
             w.key("info", info(run, "masklet export, YouTube-VIS format"))
             w.key("licenses", [])
             w.key("categories", [{"id": i, "name": n, "supercategory": "object"} for n, i in categories.items()])
+            w.array("videos", videos())
+            w.array("annotations", annotations())
 
-            def videos():
-                for vid, s in enumerate(items, start=1):
-                    for v in parts.read_part(dest, s["part"], "video"):
-                        yield {"id": vid, **v}
-
-            def annotations():
-                ann_id = 0
-                for vid, s in enumerate(items, start=1):
-                    for a in parts.read_part(dest, s["part"], "annotation"):
-                        ann_id += 1
-                        name = a.pop("category")
-                        yield {"id": ann_id, "video_id": vid, "category_id": categories[name], **a}
-
-            counts["videos"] = w.array("videos", videos())
-            counts["annotations"] = w.array("annotations", annotations())
-            f.write("}\n")
-        parts.publish(tmp, dest / FILE)
+        parts.write_json(dest / FILE, body)
         parts.remove_parts(dest, self.name)
-        return {"file": FILE, **counts, "categories": len(categories),
-                "absent_frames": sum(s.get("absent_frames", 0) for s in items), "random_weights": run.random_weights}
+        return summary
 
 
 FORMAT = YtvisFormat()
