@@ -362,3 +362,13 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, case):
         assert "video 'w'" in res.stderr and "missing" in res.stderr
     assert res.returncode == 2
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_benchmark_quick_runs(capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_evaluate
+    finally:
+        sys.path.pop(0)
+    assert bench_evaluate.main(["--quick", "--workers", "2"]) == 0
+    assert "vos-benchmark" in capsys.readouterr().out
