@@ -21,10 +21,24 @@ import pyarrow as pa
 
 from pipeline.evaluate.core import VideoResult, VideoTask, evaluate_video
 from pipeline.evaluate.semantics import SEMANTICS
-from pipeline.evaluate.sources import EvaluateInputError, PredictionSpec, export_layout, export_metadata, find_gt_videos
+from pipeline.evaluate.sources import (
+    EvaluateInputError,
+    PredictionSpec,
+    export_layout,
+    export_metadata,
+    find_gt_videos,
+)
 
-__all__ = ["EvaluateInputError", "Evaluation", "RESULTS_SCHEMA", "SEMANTICS", "evaluate", "format_results",
-           "plan_tasks", "write_results"]
+__all__ = [
+    "RESULTS_SCHEMA",
+    "SEMANTICS",
+    "EvaluateInputError",
+    "Evaluation",
+    "evaluate",
+    "format_results",
+    "plan_tasks",
+    "write_results",
+]
 
 RESULTS_SCHEMA = pa.schema([
     pa.field("level", pa.string(), nullable=False),  # object | video | overall
@@ -84,9 +98,8 @@ def plan_tasks(predictions: str, gt_root: str | None, semantics: str | None, mat
     gt_videos = find_gt_videos(gt_root) if gt_root else None
     tasks: list[VideoTask] = []
     if _is_run(predictions):
-        from pipeline.results import open_run
-
         from pipeline.evaluate.sources import RANDOM_WEIGHTS_TEXT
+        from pipeline.results import open_run
 
         run = open_run(predictions)
         random_weights = bool(run.random_weights)

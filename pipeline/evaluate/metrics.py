@@ -32,7 +32,7 @@ def boundary_radius(height: int, width: int, bound_th: float = BOUND_TH) -> int:
     """The dilation radius in pixels: bound_th itself when >= 1 (pixels), else a fraction of the diagonal."""
     if bound_th >= 1:
         return int(bound_th)
-    return int(math.ceil(bound_th * math.hypot(height, width)))
+    return math.ceil(bound_th * math.hypot(height, width))
 
 
 def disk(radius: int) -> np.ndarray:

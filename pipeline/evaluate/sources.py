@@ -156,8 +156,8 @@ class Predictions:
 
 class RunPredictions(Predictions):
     def __init__(self, out: str, item_id: str, frame_index: dict[int, int] | None = None):
-        from pipeline.store.masks import open_masks  # zarr: imported in the worker only
         from pipeline.paths import RunPaths
+        from pipeline.store.masks import open_masks  # zarr: imported in the worker only
 
         self.item_id = item_id
         try:
@@ -277,7 +277,9 @@ def _frame_positions(frames_path: str | None) -> dict[int, int] | None:
     0, 1, 2, ... (the decoder numbers frames by position)."""
     if not frames_path or not os.path.isdir(frames_path):
         return None
-    from pipeline.stages.decode import frame_files  # the decoder's own order of a frame folder
+    from pipeline.stages.decode import (
+        frame_files,  # the decoder's own order of a frame folder
+    )
 
     names = [os.path.basename(p) for p in frame_files(frames_path)]
     positions = {}
@@ -288,4 +290,3 @@ def _frame_positions(frames_path: str | None) -> dict[int, int] | None:
     return positions if any(k != v for k, v in positions.items()) else None
 
 # What evaluate prints above the numbers of a random-weight run: the export seam's wording.
-from pipeline.export.base import RANDOM_WEIGHTS_LABEL as RANDOM_WEIGHTS_TEXT  # noqa: E402
