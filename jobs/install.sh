@@ -10,4 +10,5 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 SAM2_BUILD_CUDA=0 .venv/bin/python -m pip install -q --no-build-isolation -e '.[test]'
+.venv/bin/python -m pip install -q --no-deps vos-benchmark==0.1.0  # evaluate's test oracle (pyproject.toml says why --no-deps)
 echo "installed: $(.venv/bin/masklet --version 2>/dev/null || echo masklet)"

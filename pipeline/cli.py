@@ -300,6 +300,18 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_evaluate(args) -> int:
+    from pipeline.evaluate import evaluate, format_results, write_results
+
+    evaluation = evaluate(args.predictions, args.gt, semantics=args.semantics, matched_ids=args.matched_ids,
+                          workers=args.workers)
+    print(format_results(evaluation))
+    if args.output:
+        write_results(evaluation, args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
 def _cmd_qa(args) -> int:
     from dataclasses import asdict
 
@@ -406,6 +418,22 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--top", type=int, default=12, help="masklets of highest review priority in the gallery")
     report.add_argument("--no-gallery", action="store_true", help="leave out the gallery (no media decoded)")
     report.set_defaults(func=_cmd_report)
+
+    ev = sub.add_parser("evaluate", help="J, F and J&F of a run or an export against DAVIS or SA-V ground truth")
+    ev.add_argument("predictions", metavar="OUT|EXPORT_DIR", help="run folder, or an export in sav-png or davis-png "
+                                                                  "layout")
+    ev.add_argument("--gt", default=None, metavar="GT_ROOT",
+                    help="dataset root (DAVIS: Annotations/480p; SA-V: Annotations_6fps) or a folder of annotated "
+                         "videos; optional for a run whose manifest was built on the dataset (column gt_path)")
+    ev.add_argument("--semantics", choices=["sav", "davis"], default=None,
+                    help="sav: an object counts from its first appearance (SA-V evaluator); davis: every frame "
+                         "(davis2017). Default: the GT layout's own")
+    ev.add_argument("-o", "--output", default=None, help="Parquet file of per-object, per-video and overall rows")
+    ev.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU, at most one "
+                                                               "per video)")
+    ev.add_argument("--matched-ids", action="store_true",
+                    help="masklet k is GT object k (a run prompted from GT); default: one-to-one matching on mean J")
+    ev.set_defaults(func=_cmd_evaluate)
 
     qa = sub.add_parser("qa", help="show the run's qa.* thresholds, or set them and re-flag every committed "
                                    "masklet from its stored signals (no model; the fingerprint is unchanged)")

@@ -28,6 +28,10 @@ class MediaItem:
     codec: str | None = None
     bytes: int = 0
     error: str | None = None  # set when probing failed; such items are recorded as failed by the worker
+    # Ground truth of a dataset layout (pipeline/manifest/layouts.py): its annotation folder and layout
+    # (`davis` or `sav`); what `masklet evaluate OUT` reads. Not in the fingerprint: it does not change masks.
+    gt_path: str | None = None
+    gt_layout: str | None = None
 
     @property
     def cost(self) -> float:

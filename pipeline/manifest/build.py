@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 
 from pipeline.manifest.discovery import discover
 from pipeline.manifest.ids import assign_item_ids, assign_new_ids
+from pipeline.manifest.layouts import ground_truth_of
 from pipeline.manifest.probing import probe_many
 from pipeline.manifest.readers import read_manifest
 from pipeline.manifest.table import drop_duplicate_paths, items_to_table, write_table_atomic
@@ -65,10 +66,19 @@ def build_manifest(
     found = _discover_all(paths, out_path)
     ids = assign_item_ids([(p, r) for p, r, _ in found])
     probed = probe_many([(p, k) for p, _, k in found], workers=workers)
-    items = [replace(item, item_id=item_id) for item, item_id in zip(probed, ids)]
+    items = [with_ground_truth(replace(item, item_id=item_id)) for item, item_id in zip(probed, ids)]
     table = items_to_table(items)
     write_table_atomic(table, out_path)
     return table
+
+
+def with_ground_truth(item: MediaItem) -> MediaItem:
+    """The item with `gt_path`/`gt_layout` set when it is a frame folder of a DAVIS or SA-V layout (kept as is
+    when already set, or when it is not such a folder)."""
+    if item.gt_path is not None or item.kind != "frames":
+        return item
+    found = ground_truth_of(item.path)
+    return replace(item, gt_path=found[0], gt_layout=found[1]) if found else item
 
 
 def _path_key(path: str) -> str:
@@ -125,7 +135,7 @@ def update_manifest(
         ids[i] = item_id
     probed = probe_many([(p, k) for p, _, k in new], workers=workers)
     added: list[MediaItem] = [replace(item, item_id=item_id) for item, item_id in zip(probed, ids)]
-    table = items_to_table(kept + added)
+    table = items_to_table([with_ground_truth(item) for item in kept + added])
     retired = {item_id: path for item_id, path in reserved.items() if item_id not in set(ids)}
     retired.update((r.item_id, r.path) for r in removed)
     if retired:

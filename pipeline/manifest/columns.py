@@ -44,9 +44,13 @@ def items_of_table(table: pa.Table) -> list[MediaItem]:
     fps = table.column("fps").to_pylist() if "fps" in table.column_names else [None] * n
     codec = table.column("codec").to_pylist() if "codec" in table.column_names else [None] * n
     error = table.column("error").to_pylist() if "error" in table.column_names else [None] * n
+    # Optional: manifests written before ground truth was recorded have no such columns.
+    gt_path = _text(table.column("gt_path").to_pylist()) if "gt_path" in table.column_names else [None] * n
+    gt_layout = _text(table.column("gt_layout").to_pylist()) if "gt_layout" in table.column_names else [None] * n
     cols = zip(table.column("item_id").to_pylist(), paths, table.column("kind").to_pylist(),
                table.column("num_frames").to_pylist(), fps, table.column("width").to_pylist(),
-               table.column("height").to_pylist(), _text(codec), table.column("bytes").to_pylist(), _text(error))
+               table.column("height").to_pylist(), _text(codec), table.column("bytes").to_pylist(), _text(error),
+               gt_path, gt_layout)
     return [MediaItem(*row) for row in cols]
 
 
@@ -66,7 +70,7 @@ def complete_items(table: pa.Table) -> list[MediaItem] | None:
     if "fps" in names and not (pa.types.is_floating(table.schema.field("fps").type)
                                or pa.types.is_null(table.schema.field("fps").type)):
         return None
-    for name in ("item_id", "path", "kind", "codec", "error"):
+    for name in ("item_id", "path", "kind", "codec", "error", "gt_path", "gt_layout"):
         if name in names and not pa.types.is_string(table.schema.field(name).type):
             return None
     ids, kinds, paths = table.column("item_id"), table.column("kind"), table.column("path")

@@ -7,6 +7,7 @@ import re
 import warnings
 from collections.abc import Sequence
 
+from pipeline.manifest.layouts import is_annotation_folder, sequence_root
 from pipeline.manifest.table import ManifestWarning
 from pipeline.records import MediaKind
 from pipeline.stages.decode import display_path, media_kind_of_name
@@ -30,6 +31,9 @@ def discover(paths: Sequence[str | bytes | os.PathLike[str]]) -> list[tuple[str,
       are not images) are ignored.
     - A folder of unrelated photos looks like a frame folder; list it with a glob ('photos/*.jpg') to get one
       image item per file.
+    - Dataset layouts (pipeline/manifest/layouts.py): a DAVIS or SA-V ground-truth folder (`Annotations`,
+      `Annotations_6fps` beside `JPEGImages`, `JPEGImages_24fps`) is not media and is skipped; a frame folder
+      of such a layout is rooted at its parent, so its id is the sequence name.
     - Order: the inputs in the order given, each one's items sorted by path bytes; so the first input wins
       when the same file is reached twice (build_manifest drops the repeat).
     """
@@ -73,8 +77,16 @@ def _discover_one(path: str, root: str | None) -> list[tuple[str, str, MediaKind
         return [(path, root or os.path.dirname(path), kind)]
     scan_root = root or path
     items = _scan_folder(path, scan_root, ancestors=frozenset({os.path.realpath(path)}))
-    # A frame folder given (or matched) itself is rooted at its parent, so that its id is its name.
-    return [(p, os.path.dirname(p) if p == r else r, k) for p, r, k in items]
+    # A frame folder given (or matched) itself is rooted at its parent, so that its id is its name; so is a
+    # dataset layout's frame folder (its id is the sequence name, as its ground truth's folder is named).
+    rooted = []
+    for p, r, k in items:
+        if p == r:
+            r = os.path.dirname(p)
+        elif k == "frames":
+            r = sequence_root(p) or r
+        rooted.append((p, r, k))
+    return rooted
 
 
 def _scan_folder(folder: str, root: str, ancestors: frozenset[str]) -> list[tuple[str, str, MediaKind]]:
@@ -91,7 +103,8 @@ def _scan_folder(folder: str, root: str, ancestors: frozenset[str]) -> list[tupl
             continue
         try:
             if entry.is_dir():
-                subfolders.append(entry.path)
+                if not is_annotation_folder(entry.path):  # ground truth beside its media: not media
+                    subfolders.append(entry.path)
             elif entry.is_file():
                 kind = media_kind_of_name(entry.name)
                 if kind == "video":

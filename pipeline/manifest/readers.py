@@ -162,7 +162,9 @@ def _rows_to_items(rows: list[dict[str, Any]], manifest: str, workers: int | Non
     to_probe: list[int] = []
     for i, (abs_path, line, row) in enumerate(resolved):
         kind = _row_kind(row, abs_path, manifest, line)
-        item = MediaItem(item_id=ids[i], path=abs_path, kind=kind)
+        gt = None if _blank(row.get("gt_path")) else os.path.join(base, str(row["gt_path"]))
+        item = MediaItem(item_id=ids[i], path=abs_path, kind=kind, gt_path=gt,
+                         gt_layout=None if _blank(row.get("gt_layout")) else str(row["gt_layout"]))
         if any(_blank(row.get(c)) for c in PROBE_COLUMNS):
             to_probe.append(i)
         else:
@@ -171,7 +173,7 @@ def _rows_to_items(rows: list[dict[str, Any]], manifest: str, workers: int | Non
 
     probed = probe_many([(items[i].path, items[i].kind) for i in to_probe], workers=workers)
     for i, result in zip(to_probe, probed):
-        items[i] = replace(result, item_id=items[i].item_id)
+        items[i] = replace(result, item_id=items[i].item_id, gt_path=items[i].gt_path, gt_layout=items[i].gt_layout)
     return items
 
 

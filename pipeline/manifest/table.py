@@ -36,6 +36,9 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("error", pa.string(), nullable=True),
         # The exact file-system name (os.fsencode) where `path` could not hold it; null otherwise.
         pa.field("path_bytes", pa.binary(), nullable=True),
+        # The item's ground truth when it sits in a DAVIS or SA-V layout (pipeline/manifest/layouts.py).
+        pa.field("gt_path", pa.string(), nullable=True),
+        pa.field("gt_layout", pa.string(), nullable=True),
     ]
 )
 PROBE_COLUMNS = ("num_frames", "width", "height", "bytes")
@@ -86,6 +89,8 @@ def items_to_table(items: Sequence[MediaItem]) -> pa.Table:
         "bytes": [int(it.bytes) for it in items],
         "error": [utf8_text(it.error) if it.error is not None else None for it in items],
         "path_bytes": [None if it.path.isascii() or _is_utf8(it.path) else os.fsencode(it.path) for it in items],
+        "gt_path": [None if it.gt_path is None else display_path(it.gt_path) for it in items],
+        "gt_layout": [it.gt_layout for it in items],
     }
     return pa.Table.from_pydict(columns, schema=MANIFEST_SCHEMA)
 
