@@ -65,3 +65,60 @@ def small_run(tmp_path_factory, demo_config, fast_overrides) -> str:
     assert main(["run", "--manifest", str(manifest), "--out", str(out), "--config", demo_config,
                  *fast_overrides]) == 0
     return str(out)
+
+
+DAVIS_SEQUENCES = ("blobs", "boxes")
+DAVIS_FRAMES, DAVIS_W, DAVIS_H = 6, 96, 64
+DAVIS_PALETTE = [0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * (256 * 3 - 9)
+
+
+def davis_gt_ids(seq: int, frame: int):
+    """The GT of sequence `seq` on `frame`: uint8 (H, W) palette ids, 0 background, 1 a disc moving right,
+    2 a box moving right and down (they never overlap)."""
+    import numpy as np
+
+    y, x = np.mgrid[0:DAVIS_H, 0:DAVIS_W]
+    ids = np.zeros((DAVIS_H, DAVIS_W), np.uint8)
+    ids[(x - (18 + 4 * frame + 6 * seq)) ** 2 + (y - 20) ** 2 <= 100] = 1
+    ids[(x >= 48 + 3 * frame) & (x < 68 + 3 * frame) & (y >= 30 + seq + frame) & (y < 50 + seq + frame)] = 2
+    return ids
+
+
+def make_davis_dataset(root) -> str:
+    """A tiny DAVIS-layout dataset: JPEGImages/480p/<seq>/00000.jpg ... (the sample scene) and
+    Annotations/480p/<seq>/00000.png ... (palette PNGs of `davis_gt_ids`), two sequences of 6 frames."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from pipeline.samples import draw_frame
+
+    root = Path(root)
+    for s, seq in enumerate(DAVIS_SEQUENCES):
+        media, ann = root / "JPEGImages" / "480p" / seq, root / "Annotations" / "480p" / seq
+        media.mkdir(parents=True)
+        ann.mkdir(parents=True)
+        for i in range(DAVIS_FRAMES):
+            Image.fromarray(draw_frame(i, DAVIS_W, DAVIS_H, seed=s, frames=DAVIS_FRAMES)).save(
+                media / f"{i:05d}.jpg", quality=95)
+            im = Image.fromarray(davis_gt_ids(s, i), mode="P")
+            im.putpalette(DAVIS_PALETTE)
+            im.save(ann / f"{i:05d}.png")
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def davis_run(tmp_path_factory, demo_config, fast_overrides) -> tuple[str, str]:
+    """(dataset root, run folder): a random-weight run on a tiny DAVIS-layout dataset whose manifest was built
+    on the dataset root (so the run's manifest copy names each sequence's GT). Shared by the evaluate tests
+    and the export-and-evaluate notebook; its scores are plumbing checks, not results."""
+    from pipeline.cli import main
+
+    base = tmp_path_factory.mktemp("davis_run")
+    root = make_davis_dataset(base / "DAVIS")
+    manifest = base / "manifest.parquet"
+    assert main(["manifest", "build", root, "-o", str(manifest)]) == 0
+    out = base / "run"
+    assert main(["run", "--manifest", str(manifest), "--out", str(out), "--config", demo_config,
+                 *fast_overrides]) == 0
+    return root, str(out)

@@ -1,7 +1,7 @@
 """Every notebook in notebooks/ executes top to bottom in a real Jupyter kernel (nbclient + ipykernel) against
-a small real random-weight run (conftest `small_run`), passed to it as MASKLET_RUN in the kernel's
-environment; any cell error fails the test with that cell's traceback. The executed copy is kept in the
-test's tmp dir (the committed notebooks stay without outputs)."""
+the small real random-weight run it needs (`RUN_OF`: a conftest fixture per notebook), passed to it as
+MASKLET_RUN in the kernel's environment; any cell error fails the test with that cell's traceback. The
+executed copy is kept in the test's tmp dir (the committed notebooks stay without outputs)."""
 from __future__ import annotations
 
 import os
@@ -15,9 +15,20 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 KERNEL = "python3"
 CELL_TIMEOUT_S = 60
 
+# notebook -> the session fixture whose run it reads (a run folder, or (dataset root, run folder)). The runs
+# are session fixtures shared with other tests, so each is made once per test session.
+RUN_OF = {
+    "quality.ipynb": "small_run",  # any run: quality signals, flags, frames decoded from the media
+    "export-and-evaluate.ipynb": "davis_run",  # a run on a DAVIS-layout dataset: its manifest names the GT
+}
+
 
 def test_there_are_notebooks():
     assert NOTEBOOKS, "notebooks/ holds no .ipynb"
+
+
+def test_every_notebook_names_the_run_it_needs():
+    assert sorted(RUN_OF) == sorted(p.name for p in NOTEBOOKS), "add the new notebook to RUN_OF"
 
 
 def _client(path: Path, tmp_path: Path, monkeypatch):
@@ -41,10 +52,13 @@ def _client(path: Path, tmp_path: Path, monkeypatch):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_executes(path, small_run, tmp_path, monkeypatch):
+def test_notebook_executes(path, request, tmp_path, monkeypatch):
     import nbformat
 
-    monkeypatch.setenv("MASKLET_RUN", small_run)
+    run = request.getfixturevalue(RUN_OF[path.name])
+    run = run[1] if isinstance(run, tuple) else run  # (dataset root, run folder): the GT comes from the manifest
+    monkeypatch.setenv("MASKLET_RUN", run)
+    monkeypatch.delenv("MASKLET_GT", raising=False)
     nb, client = _client(path, tmp_path, monkeypatch)
     client.execute()  # raises CellExecutionError, naming the cell and its traceback, on any error
     nbformat.write(nb, tmp_path / path.name)
@@ -57,6 +71,7 @@ def test_notebook_without_a_run_says_to_set_masklet_run(path, tmp_path, monkeypa
     from nbclient.exceptions import CellExecutionError
 
     monkeypatch.delenv("MASKLET_RUN", raising=False)
+    monkeypatch.delenv("MASKLET_GT", raising=False)
     _, client = _client(path, tmp_path, monkeypatch)
     with pytest.raises(CellExecutionError, match="Set MASKLET_RUN to a run folder"):
         client.execute()

@@ -29,6 +29,11 @@ from pipeline.evaluate.sources import (
     find_gt_videos,
 )
 
+# What evaluate prints above the numbers of a random-weight run: the export seam's own wording, imported by
+# name (a re-export under another name at the foot of sources.py was dropped by a lint fix, unnoticed because
+# no test evaluated a random-weight run folder).
+from pipeline.export.base import RANDOM_WEIGHTS_LABEL as RANDOM_WEIGHTS_TEXT
+
 __all__ = [
     "RESULTS_SCHEMA",
     "SEMANTICS",
@@ -98,7 +103,6 @@ def plan_tasks(predictions: str, gt_root: str | None, semantics: str | None, mat
     gt_videos = find_gt_videos(gt_root) if gt_root else None
     tasks: list[VideoTask] = []
     if _is_run(predictions):
-        from pipeline.evaluate.sources import RANDOM_WEIGHTS_TEXT
         from pipeline.results import open_run
 
         run = open_run(predictions)
@@ -139,8 +143,6 @@ def plan_tasks(predictions: str, gt_root: str | None, semantics: str | None, mat
         random_weights = meta.get("random_weights")
         label = meta.get("label") if random_weights else None
         if random_weights and not label:
-            from pipeline.evaluate.sources import RANDOM_WEIGHTS_TEXT
-
             label = RANDOM_WEIGHTS_TEXT
         for name, (path, layout) in gt_videos.items():
             if not os.path.isdir(os.path.join(predictions, name)):

@@ -288,5 +288,3 @@ def _frame_positions(frames_path: str | None) -> dict[int, int] | None:
         if stem.isdigit():
             positions[int(stem)] = i
     return positions if any(k != v for k, v in positions.items()) else None
-
-# What evaluate prints above the numbers of a random-weight run: the export seam's wording.
