@@ -49,7 +49,7 @@ class RunPaths:
     root: Path
 
     @classmethod
-    def of(cls, root: str | Path) -> "RunPaths":
+    def of(cls, root: str | Path) -> RunPaths:
         return cls(Path(root).expanduser().resolve())
 
     @property
@@ -189,7 +189,7 @@ class RunPaths:
         """Staging for a version being written (renamed into versions/ when complete)."""
         return self.tmp / "versions" / check_component(item_id) / str(int(object_id))
 
-    def ensure(self) -> "RunPaths":
+    def ensure(self) -> RunPaths:
         for d in (self.root, self.masks, self.meta, self.logs, self.tmp, self.leases):
             d.mkdir(parents=True, exist_ok=True)
         return self

@@ -25,14 +25,19 @@ import re
 import socket
 import threading
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.paths import RunPaths
-from pipeline.review.records import CORRECTIONS_SCHEMA, DECISIONS, DECISIONS_SCHEMA, EVENTS_SCHEMA
+from pipeline.review.records import (
+    CORRECTIONS_SCHEMA,
+    DECISIONS,
+    DECISIONS_SCHEMA,
+    EVENTS_SCHEMA,
+)
 from pipeline.store.atomic import write_atomic, write_text_atomic
 
 EVENT_KINDS = ("open_item", "frame_prediction", "propagation", "decision", "correction", "close_item")
@@ -46,7 +51,7 @@ def masklet_id(item_id: str, object_id: int) -> str:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def new_session_id() -> str:
