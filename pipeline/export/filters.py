@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from typing import Callable
+from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -54,7 +54,7 @@ class ExportFilter:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ExportFilter":
+    def from_dict(cls, d: dict) -> ExportFilter:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     @property

@@ -34,9 +34,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.export.base import ItemExport, RunInfo
 from pipeline.export import filters
-from pipeline.export.filters import ExportFilter, ExportFilterError, select_items, select_masklets
+from pipeline.export.base import ItemExport, RunInfo
+from pipeline.export.filters import (
+    ExportFilter,
+    ExportFilterError,
+    select_items,
+    select_masklets,
+)
 from pipeline.paths import check_component
 from pipeline.store.atomic import fsync_dir, publish, write_atomic, write_text_atomic
 
@@ -60,7 +65,7 @@ class ExportPaths:
     root: Path
 
     @classmethod
-    def of(cls, dest: str | Path) -> "ExportPaths":
+    def of(cls, dest: str | Path) -> ExportPaths:
         return cls(Path(dest).expanduser().resolve())
 
     @property
@@ -309,7 +314,12 @@ def _slurm_config(run, profile: str | None):
     less the GPU: exporting reads Zarr and writes files."""
     import yaml
 
-    from pipeline.config import config_from_dict, config_to_dict, merge_dicts, profile_path
+    from pipeline.config import (
+        config_from_dict,
+        config_to_dict,
+        merge_dicts,
+        profile_path,
+    )
 
     data = config_to_dict(run.plan.config)
     if profile:

@@ -22,9 +22,9 @@ import datetime as dt
 import re
 import shutil
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -139,7 +139,7 @@ class _Prompt:
     area: int
 
     @classmethod
-    def from_row(cls, row: dict) -> "_Prompt":
+    def from_row(cls, row: dict) -> _Prompt:
         return cls(int(row["object_id"]), row["prompt_source"], int(row["prompt_frame"]),
                    (row["prompt_x"], row["prompt_y"]), row["predicted_iou"], row["stability_score"],
                    int(row["prompt_area"]))
@@ -218,7 +218,7 @@ def write_version(out: str | Path, item_id: str, object_id: int, masks: np.ndarr
             "edited_frame_count": pa.array([len(set(edited_frames))], pa.int32()),
             "corrections": pa.array([list(corrections)], pa.list_(pa.string())),
             "locked_frames": pa.array([sorted(set(int(f) for f in locked_frames))], pa.list_(pa.int32())),
-            "created_at": pa.array([dt.datetime.now(dt.timezone.utc)], pa.timestamp("ms", tz="UTC")),
+            "created_at": pa.array([dt.datetime.now(dt.UTC)], pa.timestamp("ms", tz="UTC")),
         }
         for f in VERSION_COLUMNS:
             table = table.append_column(f, extra[f.name])
