@@ -7,10 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.review import store, versions
-from pipeline.review.refine import (
-    pending_masklets,
-    refine_masklet,
-)
+from pipeline.review.refine import Replayer, pending_masklets, refine_masklet
 from pipeline.review.store import ReviewSession
 
 
@@ -37,6 +34,10 @@ def refined(small_run, tmp_path_factory):
     seen = []
     assert refine_masklet(out, item, 0, progress=lambda *a: seen.append(a)) == 1
     return out, item, ids, seen
+
+
+def _versions_equal(a, b, item, object_id):
+    return np.array_equal(versions.masklet_mask(a, item, object_id), versions.masklet_mask(b, item, object_id))
 
 
 def _clip(out):
