@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 
 from pipeline.review import store, versions
-from pipeline.review.refine import Replayer, pending_masklets, refine_masklet
+from pipeline.review.refine import (
+    Replayer,
+    pending_masklets,
+    refine_masklet,
+    refine_run,
+)
 from pipeline.review.store import ReviewSession
+from tests.conftest import NEEDS_SLURM_CLUSTER
 
 
 @pytest.fixture()
@@ -177,3 +183,48 @@ def test_cli_refine_and_a_kill_mid_batch_rerun_equals_an_uninterrupted_refine(ru
         assert versions.latest_version(run_copy, item, o) == 1
         assert _versions_equal(run_copy, str(whole), item, o)
     assert not list((Path(run_copy) / "tmp" / "versions").rglob("*.zarr"))
+
+
+
+def _needs_slurm(test):
+    for mark in NEEDS_SLURM_CLUSTER:
+        test = mark(test)
+    return test
+
+
+@_needs_slurm
+def test_slurm_refine_cancelled_mid_batch_then_rerun_equals_an_uninterrupted_refine(run_copy, tmp_path):
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from pipeline.executors import slurm
+
+    run, item = _clip(run_copy)
+    n_obj, _t, h, w = run.masks(item).shape
+    objs = list(range(min(4, n_obj)))
+    s = ReviewSession(run_copy, "ann")
+    for o in objs:
+        s.correct(item, o, 1 + o % 3, [(w / 2 - o, h / 2)], [1])
+    whole = tmp_path / "whole"
+    shutil.copytree(run_copy, whole)
+    refine_run(str(whole))  # local, uninterrupted
+    # Submit without waiting, cancel once the first version is out, then rerun through SLURM to the end.
+    from pipeline.plan import load_run
+    from pipeline.review.refine import _slurm_config
+
+    plan = load_run(run_copy)
+    tasks = [slurm.CallTask("pipeline.review.refine", "refine_masklets", (str(plan.paths.root), tuple(objs_chunk)))
+             for objs_chunk in ([(item, o) for o in objs],)]
+    plan.paths.refine_submitit_folder.parent.mkdir(parents=True, exist_ok=True)
+    ids = slurm.submit_array(plan.paths.refine_submitit_folder, _slurm_config(plan, None), tasks)
+    first = Path(run_copy) / "versions" / item / "0" / "v001"
+    deadline = time.monotonic() + 300
+    while not first.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    subprocess.run(["scancel", ids[0].split("_")[0]], check=True)
+    slurm.wait(None, [ids[0].split("_")[0]])
+    assert refine_run(run_copy, executor="slurm")["pending_after"] == 0
+    for o in objs:
+        assert _versions_equal(run_copy, str(whole), item, o)
+
