@@ -22,6 +22,8 @@
       tmp/partial/<item_id>/        a long item's checkpoint: masks and rows so far, tracker state (kept)
       slurm/jobs.jsonl              one line per SLURM submission: job id, array tasks and their shard ids
       slurm/<job>_<task>/           submitit's folder of one array task (pickles, stdout/stderr logs)
+      review/sessions/<session_id>/ one review session's append-only actions (pipeline/review/records.py)
+      versions/<item_id>/<object_id>/v<NNN>/  a masklet's version after refine (pipeline/review/versions.py)
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ class RunPaths:
     root: Path
 
     @classmethod
-    def of(cls, root: str | Path) -> "RunPaths":
+    def of(cls, root: str | Path) -> RunPaths:
         return cls(Path(root).expanduser().resolve())
 
     @property
@@ -160,7 +162,34 @@ class RunPaths:
         """submitit's folder pattern: it puts %j (the job id; `<array>_<task>` for array tasks) in itself."""
         return self.slurm / "%j"
 
-    def ensure(self) -> "RunPaths":
+    @property
+    def review(self) -> Path:
+        return self.root / "review"
+
+    @property
+    def review_sessions(self) -> Path:
+        """One folder per review session; every file in it is one action (pipeline/review/records.py)."""
+        return self.review / "sessions"
+
+    def review_session(self, session_id: str) -> Path:
+        return self.review_sessions / check_component(session_id, "session id")
+
+    @property
+    def versions(self) -> Path:
+        """Masklet versions written by `masklet refine` (pipeline/review/versions.py)."""
+        return self.root / "versions"
+
+    def masklet_versions(self, item_id: str, object_id: int) -> Path:
+        return self.versions / check_component(item_id) / str(int(object_id))
+
+    def masklet_version(self, item_id: str, object_id: int, version: int) -> Path:
+        return self.masklet_versions(item_id, object_id) / f"v{int(version):03d}"
+
+    def version_tmp(self, item_id: str, object_id: int) -> Path:
+        """Staging for a version being written (renamed into versions/ when complete)."""
+        return self.tmp / "versions" / check_component(item_id) / str(int(object_id))
+
+    def ensure(self) -> RunPaths:
         for d in (self.root, self.masks, self.meta, self.logs, self.tmp, self.leases):
             d.mkdir(parents=True, exist_ok=True)
         return self
