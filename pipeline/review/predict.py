@@ -53,6 +53,10 @@ class FramePredictor:
         self.loaded = load_model(model_cfg)
         self.loaded.predictor.eval()
         self._image = SAM2ImagePredictor(self.loaded.predictor)
+        # sam2 hard-codes the backbone's feature sizes for image_size 1024; a run at another size (the tests'
+        # 256) needs them scaled, or set_image fails reshaping the features.
+        size = int(self.loaded.image_size)
+        self._image._bb_feat_sizes = [(size // 4, size // 4), (size // 8, size // 8), (size // 16, size // 16)]
         self._key: tuple[str, int] | None = None
         self._embed_ms = 0.0
         self._lock = threading.Lock()

@@ -13,7 +13,6 @@ import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 QUEUE_COLUMNS = ["item_id", "object_id", "masklet_id", "flags", "review_priority", "predicted_iou",
                  "frames_visible"]
@@ -23,25 +22,14 @@ TODO = "to do"
 def queue_table(run) -> pa.Table:
     """Every masklet's QUEUE_COLUMNS, highest review_priority first (nulls last), ties by masklet_id."""
     table = run.scan("masklets", columns=QUEUE_COLUMNS)
-    order = pc.sort_indices(table, sort_keys=[("review_priority", "descending"), ("masklet_id", "ascending")],
-                            null_placement="at_end")
+    order = pc.sort_indices(table, sort_keys=[("review_priority", "descending"), ("masklet_id", "ascending")])
     return table.take(order)
 
 
 def latest_decisions(decisions: pa.Table) -> dict[str, dict]:
-    """masklet_id -> its latest decision row (by time, then session_id, then seq: records.py's rule); a
-    masklet whose latest decision is "clear" has none."""
-    if not len(decisions):
-        return {}
-    order = pc.sort_indices(decisions, sort_keys=[("time", "ascending"), ("session_id", "ascending"),
-                                                  ("seq", "ascending")])
-    latest: dict[str, dict] = {}
-    for row in decisions.take(order).to_pylist():
-        if row["decision"] == "clear":
-            latest.pop(row["masklet_id"], None)
-        else:
-            latest[row["masklet_id"]] = row
-    return latest
+    """masklet_id -> its merged decision row (pipeline/review/store.decisions: `decision` is the status,
+    accept | reject | duplicate or None, `label` the latest label)."""
+    return {row["masklet_id"]: row for row in decisions.to_pylist()}
 
 
 def filter_queue(queue: pa.Table, latest: dict[str, dict], flags: list[str] | None = None,
@@ -58,17 +46,13 @@ def filter_queue(queue: pa.Table, latest: dict[str, dict], flags: list[str] | No
     if item:
         keep = pc.and_(keep, pc.fill_null(pc.match_substring(queue["item_id"], item), False))
     if decision:
-        decided = pa.array(list(latest), type=pa.string())
+        decided = pa.array([m for m, row in latest.items() if row["decision"]], type=pa.string())
         if decision == TODO:
             keep = pc.and_(keep, pc.invert(pc.is_in(queue["masklet_id"], value_set=decided)))
         else:
             ids = pa.array([m for m, row in latest.items() if row["decision"] == decision], type=pa.string())
             keep = pc.and_(keep, pc.is_in(queue["masklet_id"], value_set=ids))
     return queue.filter(keep)
-
-
-def decision_expr(item_id: str) -> ds.Expression:
-    return ds.field("item_id") == item_id
 
 
 def colour(object_id: int) -> tuple[int, int, int]:
