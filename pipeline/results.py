@@ -151,9 +151,17 @@ def _read_all(shards: list[ShardFiles], name: str) -> pa.Table:
     return pa.concat_tables(parts).combine_chunks() if parts else schema.empty_table()
 
 
+VERSION_VIEWS = ("latest", "original", "all")
+
+
 @dataclass
 class RunResults:
     plan: RunPlan
+    versions: str = "latest"  # how `.masklets` shows reviewed masklets: see `masklets`
+
+    def __post_init__(self):
+        if self.versions not in VERSION_VIEWS:
+            raise ValueError(f"versions={self.versions!r}: use one of {', '.join(VERSION_VIEWS)}")
 
     @property
     def paths(self) -> RunPaths:
@@ -218,7 +226,23 @@ class RunResults:
 
     @cached_property
     def masklets(self) -> pa.Table:
-        return self._whole("masklets")
+        """Every masklet row with the version columns (pipeline/review/records.py VERSION_COLUMNS). With
+        versions="latest" (the default): each masklet's newest version (`masklet refine`), without those a
+        review decision rejects (reject or duplicate); "original": the run's own rows (version 0), all of
+        them; "all": the run's rows and every published version's. A run never reviewed reads as before,
+        plus the constant version-0 columns (one stat of OUT/review and OUT/versions)."""
+        from pipeline.review.versions import with_version_zero
+
+        table = with_version_zero(self._whole("masklets"))
+        if self.versions == "original" or not (self.paths.review.exists() or self.paths.versions.exists()):
+            return table
+        from pipeline.review.versions import version_rows
+
+        rows = version_rows(self.paths.root).select(table.column_names)
+        if self.versions == "all":
+            return pa.concat_tables([table, rows]).sort_by(
+                [("item_id", "ascending"), ("object_id", "ascending"), ("version", "ascending")])
+        return _latest_not_rejected(table, rows, self.paths.root)
 
     @cached_property
     def frames(self) -> pa.Table:
@@ -237,11 +261,39 @@ class RunResults:
             raise KeyError(f"item {item_id!r} has no committed masks in {self.paths.root} (see `masklet status`)")
         return open_masks(self.paths, item_id)
 
+    def masklet_masks(self, item_id: str, object_id: int, version: int | None = None):
+        """One masklet's masks, bool (frames, H, W): `version` None: its newest version; 0: the run's own
+        (the plane `masks(item_id)[object_id]`)."""
+        from pipeline.review.versions import masklet_mask
+
+        self.masks(item_id)  # refuses an item that is not committed, naming it
+        return masklet_mask(self.paths.root, item_id, object_id, version)
+
     def masks_dask(self, item_id: str):
         import dask.array as da
 
         return da.from_zarr(self.masks(item_id))
 
 
-def open_run(out: str | Path) -> RunResults:
-    return RunResults(load_run(out))
+def _latest_not_rejected(table: pa.Table, versions: pa.Table, root: Path) -> pa.Table:
+    """The run's rows with each reviewed masklet's newest version in place of its row, less the masklets a
+    decision rejects (reject, duplicate)."""
+    from pipeline.review.store import decisions
+
+    if versions.num_rows:
+        ids = versions.column("masklet_id").to_pylist()
+        newest = {m: i for i, m in enumerate(ids)}  # sorted by version: the last is the newest
+        versions = versions.take(pa.array(sorted(newest.values()), pa.int64()))
+        table = table.filter(pc.invert(pc.is_in(table["masklet_id"], value_set=versions["masklet_id"])))
+        table = pa.concat_tables([table, versions])
+    d = decisions(root)
+    rejected = d.filter(pc.is_in(d["decision"], value_set=pa.array(["reject", "duplicate"])))["masklet_id"]
+    if len(rejected):
+        table = table.filter(pc.invert(pc.is_in(table["masklet_id"], value_set=rejected)))
+    return table.sort_by([("item_id", "ascending"), ("object_id", "ascending")])
+
+
+def open_run(out: str | Path, versions: str = "latest") -> RunResults:
+    """`versions`: which masklet rows `.masklets` gives once a review exists: "latest" (each masklet's newest
+    version, rejected ones left out), "original" (the run's own rows) or "all" (every version)."""
+    return RunResults(load_run(out), versions)

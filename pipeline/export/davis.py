@@ -67,8 +67,7 @@ class DavisPng:
     def finish(self, dest: Path, items: list[dict], run: RunInfo) -> dict:
         def write(path: Path) -> None:
             with open(path, "w") as f:
-                for i in items:
-                    f.write(json.dumps({"video": i["item_id"], "ids": i["ids"]}) + "\n")
+                f.writelines(json.dumps({"video": i["item_id"], "ids": i["ids"]}) + "\n" for i in items)
 
         write_atomic(Path(dest) / OBJECTS_FILE, write)
         return {"overwritten_pixels": sum(i["overwritten_pixels"] for i in items),

@@ -7,15 +7,15 @@ Items are chosen by id (`--item`) or by a glob over ids (`--items`); masklets of
 Masklet criteria are Arrow compute over one item's masklets rows (read from its shard's files only, never
 the whole table): a million-item export filters item by item in bounded memory.
 
-Review decisions do not exist yet. `review_decisions(run)` is the hook a review module fills: it returns a
-lookup masklet_id -> decision ("accepted", "rejected", ...) or None when the run has none; `--decision` on a run
-without decisions is an error that says so (never a silent "keep everything").
+`review_decisions(run)` reads the review's decisions (pipeline/review/store.py): a lookup masklet_id ->
+"accepted" | "rejected" (a duplicate counts as rejected), or None when the run has none; `--decision` on a
+run without decisions is an error that says so (never a silent "keep everything").
 """
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from typing import Callable
+from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -54,7 +54,7 @@ class ExportFilter:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ExportFilter":
+    def from_dict(cls, d: dict) -> ExportFilter:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     @property
@@ -88,16 +88,25 @@ def _has_any_flag(flags: pa.ChunkedArray | pa.Array, names: tuple[str, ...]) -> 
     return pc.is_in(pa.array(range(n), pa.int64()), value_set=hit_rows.cast(pa.int64()))
 
 
-# The review hook: run -> {masklet_id: decision} or None when the run has no decisions. A review module sets it
-# (`filters.review_decisions = its_reader`); until then there are none.
+# The review hook: run -> {masklet_id: decision} or None when the run has no decisions.
 DecisionReader = Callable[[object], "dict[str, str] | None"]
+_EXPORT_DECISION = {"accept": "accepted", "reject": "rejected", "duplicate": "rejected"}
 
 
-def _no_decisions(run) -> dict[str, str] | None:
-    return None
+def _review_decisions(run) -> dict[str, str] | None:
+    """The review's decisions (pipeline/review/store.py, latest per masklet over every session) as
+    masklet_id -> accepted | rejected; a duplicate counts as rejected (exporting it would give one object
+    twice). None when nothing has been decided (no status decision: labels alone decide nothing)."""
+    from pipeline.review.store import decisions
+
+    if not run.paths.review.exists():
+        return None
+    d = {r["masklet_id"]: _EXPORT_DECISION[r["decision"]] for r in decisions(run.paths.root).to_pylist()
+         if r["decision"] is not None}
+    return d or None
 
 
-review_decisions: DecisionReader = _no_decisions
+review_decisions: DecisionReader = _review_decisions
 
 
 def masklet_mask(filt: ExportFilter, masklets: pa.Table, decisions: dict[str, str] | None = None) -> pa.Array:

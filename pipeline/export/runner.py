@@ -34,9 +34,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.export.base import ItemExport, RunInfo
 from pipeline.export import filters
-from pipeline.export.filters import ExportFilter, ExportFilterError, select_items, select_masklets
+from pipeline.export.base import ItemExport, RunInfo
+from pipeline.export.filters import (
+    ExportFilter,
+    ExportFilterError,
+    select_items,
+    select_masklets,
+)
 from pipeline.paths import check_component
 from pipeline.store.atomic import fsync_dir, publish, write_atomic, write_text_atomic
 
@@ -60,7 +65,7 @@ class ExportPaths:
     root: Path
 
     @classmethod
-    def of(cls, dest: str | Path) -> "ExportPaths":
+    def of(cls, dest: str | Path) -> ExportPaths:
         return cls(Path(dest).expanduser().resolve())
 
     @property
@@ -195,12 +200,46 @@ def build_item(run, item_id: str, filt: ExportFilter, info: RunInfo, decisions: 
     _, num_frames, height, width = array.shape
     source_frames = [int(s) for s in array.attrs["source_frames"]][:num_frames]
     planes = list(object_ids)  # object_id is the plane index of the item's mask array
+    # A masklet `masklet refine` re-tracked is exported at its newest version: its row, frame rows and masks.
+    newest = _newest_versions(run, item_id, object_ids)
+    readers = {}
+    if newest:
+        from pipeline.review.versions import frame_reader, version_frames
+
+        rows = masklets.to_pylist()
+        for r in rows:
+            if r["object_id"] in newest:
+                r.update(newest[r["object_id"]])
+        masklets = pa.Table.from_pylist([{k: r[k] for k in masklets.column_names} for r in rows], masklets.schema)
+        frames = frames.filter(pc.invert(pc.is_in(frames["object_id"], value_set=pa.array(list(newest), pa.int32()))))
+        frames = pa.concat_tables([frames, *(version_frames(run.paths.root, item_id, o, v["version"])
+                                             for o, v in newest.items())])
+        frames = frames.sort_by([("object_id", "ascending"), ("frame", "ascending")])
+        readers = {object_ids.index(o): frame_reader(run.paths.root, item_id, o, v["version"])
+                   for o, v in newest.items()}
 
     def mask(k: int, t: int):
+        if k in readers:
+            return readers[k](t)
         return array[planes[k], t]
 
     return ItemExport(item_id=item_id, item=item, object_ids=object_ids, masklets=masklets, frames=frames,
                       source_frames=source_frames, height=int(height), width=int(width), run=info, mask=mask)
+
+
+def _newest_versions(run, item_id: str, object_ids: list[int]) -> dict[int, dict]:
+    """object_id -> the newest version's masklet row, for the masklets of `object_ids` that have versions
+    (none without an OUT/versions folder: one stat)."""
+    if not run.paths.versions.exists():
+        return {}
+    from pipeline.review.versions import latest_version, version_folder
+
+    out = {}
+    for o in object_ids:
+        v = latest_version(run.paths.root, item_id, o)
+        if v:
+            out[o] = pq.read_table(version_folder(run.paths.root, item_id, o, v) / "masklet.parquet").to_pylist()[0]
+    return out
 
 
 # --- one item ------------------------------------------------------------------------------------------------
@@ -275,7 +314,12 @@ def _slurm_config(run, profile: str | None):
     less the GPU: exporting reads Zarr and writes files."""
     import yaml
 
-    from pipeline.config import config_from_dict, config_to_dict, merge_dicts, profile_path
+    from pipeline.config import (
+        config_from_dict,
+        config_to_dict,
+        merge_dicts,
+        profile_path,
+    )
 
     data = config_to_dict(run.plan.config)
     if profile:
