@@ -290,9 +290,8 @@ def _propagate(out, session) -> None:
 
         bar = st.progress(0.0, text="propagating")
 
-        def progress(done, total=None, *_):
-            frac = done / total if total else float(done)
-            bar.progress(min(1.0, max(0.0, frac)), text="propagating")
+        def progress(stage: str, done: int, total: int) -> None:
+            bar.progress(min(1.0, done / total) if total else 0.0, text=f"{stage}: {done} / {total}")
 
         t0 = time.perf_counter()
         result = refine_masklet(out, item_id, target, progress=progress)
@@ -300,9 +299,11 @@ def _propagate(out, session) -> None:
         session.event("propagation", item_id, None if target < 0 else target, ms=ms)
         bar.progress(1.0, text=f"propagated in {ms / 1000:.1f} s")
         st.session_state.last_correction = None
-        st.session_state.propagated = str(result)
-        _item_tables.clear()
-        _frame.clear()
+        st.session_state.propagated = result
+        st.success(f"{item_id}/{target}: version {result} written" if result is not None
+                   else "nothing was pending for this masklet")
+        for cached in (_run, _queue, _item_tables, _frame):  # the new version replaces the masks shown
+            cached.clear()
 
 
 def _timeline(out, item_id, objects, num_frames, visible, t) -> None:
