@@ -312,14 +312,17 @@ def review_command(out: str, port: int, reviewer: str) -> list[str]:
 
 def _cmd_review(args) -> int:
     import getpass
-    import subprocess
+    import os
 
     from pipeline.plan import load_run
 
     load_run(args.out)  # a clear error before a server starts on something that is not a run
     reviewer = args.reviewer or getpass.getuser()
     print(f"masklet review: http://localhost:{args.port} (reviewer {reviewer}; Ctrl-C stops it)", flush=True)
-    return subprocess.call(review_command(args.out, args.port, reviewer))
+    # exec, not a child: a signal to `masklet review` (Ctrl-C, a test's terminate) reaches the server itself.
+    cmd = review_command(args.out, args.port, reviewer)
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
 
 
 def _cmd_evaluate(args) -> int:

@@ -82,6 +82,9 @@ def _frame(out: str, item_id: str, t: int) -> tuple[np.ndarray, np.ndarray]:
 
     run = _run(out)
     masks = np.asarray(run.masks(item_id)[:, t])
+    for obj in range(len(masks)):  # a refined masklet shows its newest version (pipeline/review/versions.py)
+        if run.paths.masklet_versions(item_id, obj).exists():
+            masks[obj] = np.asarray(run.masklet_masks(item_id, obj)[t])
     try:
         rgb = _decode(run, item_id, [t]).get(t)
     except Exception as e:  # the media moved or broke since the run: review the masks on grey
@@ -178,7 +181,12 @@ def _item(out: str, session, item_id: str, object_id: int, latest: dict) -> None
     _open_item(session, item_id)
     masklets, visible = _item_tables(out, item_id)
     objects = [r["object_id"] for r in masklets]
-    num_frames = int(_run(out).masks(item_id).shape[1])
+    try:
+        num_frames = int(_run(out).masks(item_id).shape[1])
+    except (KeyError, FileNotFoundError) as e:  # not committed as done, or its array was removed since
+        st.warning(f"{item_id}: no masks to show ({e})")
+        _decisions(session, item_id, object_id, objects, latest)
+        return
     st.subheader(f"Item {item_id}: {len(objects)} masklets, {num_frames} frames")
 
     left, right = st.columns([3, 2])
