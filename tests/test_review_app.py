@@ -4,6 +4,7 @@ component) answered by SAM 2 and queued as a correction, and two reviewers at on
 from __future__ import annotations
 
 import os
+import shutil
 
 import pyarrow.compute as pc
 import pytest
@@ -15,6 +16,14 @@ from pipeline import open_run  # noqa: E402
 from pipeline.review import store  # noqa: E402
 
 APP = os.path.join(os.path.dirname(__file__), "..", "pipeline", "review", "app.py")
+
+
+@pytest.fixture(scope="module")
+def review_run(small_run, tmp_path_factory) -> str:
+    """A copy of the shared small run: the review writes into OUT, and other tests read small_run as made."""
+    out = tmp_path_factory.mktemp("review") / "run"
+    shutil.copytree(small_run, out)
+    return str(out)
 
 
 def app(monkeypatch, out: str, reviewer: str) -> AppTest:
@@ -30,34 +39,34 @@ def button(at: AppTest, key: str):
     return next(b for b in at.button if b.key == key)
 
 
-def test_queue_is_ordered_by_review_priority_and_shows_random_weights(monkeypatch, small_run):
-    at = app(monkeypatch, small_run, "ann")
+def test_queue_is_ordered_by_review_priority_and_shows_random_weights(monkeypatch, review_run):
+    at = app(monkeypatch, review_run, "ann")
     assert any("RANDOM WEIGHTS" in e.value for e in at.error)
     shown = at.dataframe[0].value
-    masklets = open_run(small_run).scan("masklets", columns=["masklet_id", "review_priority"])
+    masklets = open_run(review_run).scan("masklets", columns=["masklet_id", "review_priority"])
     order = pc.sort_indices(masklets, sort_keys=[("review_priority", "descending"), ("masklet_id", "ascending")])
     assert list(shown["masklet"]) == masklets.take(order)["masklet_id"].to_pylist()
     assert list(shown["priority"]) == sorted(shown["priority"], reverse=True)
     assert at.selectbox(key="masklet_pick").value == shown["masklet"][0]
 
 
-def test_decision_is_written_to_disk_and_the_filter_follows_it(monkeypatch, small_run):
-    at = app(monkeypatch, small_run, "ann")
+def test_decision_is_written_to_disk_and_the_filter_follows_it(monkeypatch, review_run):
+    at = app(monkeypatch, review_run, "ann")
     first = at.selectbox(key="masklet_pick").value
     button(at, "accept").click().run()
     assert not at.exception
-    rows = {r["masklet_id"]: r for r in store.decisions(small_run).to_pylist()}
+    rows = {r["masklet_id"]: r for r in store.decisions(review_run).to_pylist()}
     assert rows[first]["decision"] == "accept" and rows[first]["reviewer"] == "ann"
     at.selectbox(key="f_decision").set_value("accept").run()
     assert first in list(at.dataframe[0].value["masklet"])
-    kinds = store.events(small_run)["kind"].to_pylist()
+    kinds = store.events(review_run)["kind"].to_pylist()
     assert "open_item" in kinds and "decision" in kinds
 
 
-def test_click_is_answered_by_sam2_and_queued_as_a_correction(monkeypatch, small_run):
-    at = app(monkeypatch, small_run, "bea")
+def test_click_is_answered_by_sam2_and_queued_as_a_correction(monkeypatch, review_run):
+    at = app(monkeypatch, review_run, "bea")
     item_id, obj = at.selectbox(key="masklet_pick").value.rsplit("/", 1)
-    before = len(store.corrections(small_run))
+    before = len(store.corrections(review_run))
     # Displayed 640 wide: a click at (320, y) is the frame's middle column in mask pixels.
     at.session_state["click"] = {"x": 320, "y": 200, "width": 640, "height": 480, "unix_time": 1}
     at.run()
@@ -66,27 +75,35 @@ def test_click_is_answered_by_sam2_and_queued_as_a_correction(monkeypatch, small
     assert len(labels) == 3 and all("score" in s and "perimeter" in s for s in labels)
     button(at, "use_candidate").click().run()
     assert not at.exception, [e.message for e in at.exception]
-    corr = store.corrections(small_run, pending_only=True).to_pylist()
+    corr = store.corrections(review_run, pending_only=True).to_pylist()
     assert len(corr) == before + 1
     new = corr[-1]
     assert (new["item_id"], new["object_id"], new["reviewer"]) == (item_id, int(obj), "bea")
     assert new["point_labels"] == [1] and len(new["points"]) == 1
-    kinds = store.events(small_run)["kind"].to_pylist()
+    kinds = store.events(review_run)["kind"].to_pylist()
     assert "frame_prediction" in kinds and "correction" in kinds
 
 
-def test_two_reviewers_at_once_lose_nothing(monkeypatch, small_run):
-    a = app(monkeypatch, small_run, "ann")
-    b = app(monkeypatch, small_run, "bob")
+def test_two_reviewers_at_once_lose_nothing(monkeypatch, review_run):
+    a = app(monkeypatch, review_run, "ann")
+    b = app(monkeypatch, review_run, "bob")
     ids = list(a.dataframe[0].value["masklet"])
-    before = len(store.all_decisions(small_run))
+    before = len(store.all_decisions(review_run))
     for k, mid in enumerate(ids[:4]):
         at = a if k % 2 == 0 else b
         at.selectbox(key="masklet_pick").set_value(mid).run()
         button(at, "reject").click().run()
         assert not at.exception
-    after = store.all_decisions(small_run).to_pylist()
+    after = store.all_decisions(review_run).to_pylist()
     assert len(after) == before + 4
     mine = {r["masklet_id"]: r["reviewer"] for r in after[before:]}
     assert mine == {mid: ("ann" if k % 2 == 0 else "bob") for k, mid in enumerate(ids[:4])}
     assert len({r["session_id"] for r in after[before:]}) == 2
+
+
+def test_open_time_benchmark_quick(capsys):
+    """benchmarks/bench_review_open.py --quick: a fabricated 2,000-item run opens well under the target."""
+    from benchmarks.bench_review_open import main
+
+    assert main(["--quick"]) == 0
+    assert "first run" in capsys.readouterr().out

@@ -170,7 +170,7 @@ def main() -> None:
                    "flags": ", ".join(r["flags"] or []),
                    "decision": (latest.get(r["masklet_id"]) or {}).get("decision") or "",
                    "label": (latest.get(r["masklet_id"]) or {}).get("label") or ""} for r in top],
-                 height=220, use_container_width=True)
+                 height=220, width="stretch")
     ids = [r["masklet_id"] for r in top]
     picked = st.selectbox("review masklet", ids, key="masklet_pick")
     row = top[ids.index(picked)]
