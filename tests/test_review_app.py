@@ -10,10 +10,10 @@ import pyarrow.compute as pc
 import pytest
 
 pytest.importorskip("streamlit")
-from streamlit.testing.v1 import AppTest  # noqa: E402
+from streamlit.testing.v1 import AppTest
 
-from pipeline import open_run  # noqa: E402
-from pipeline.review import store  # noqa: E402
+from pipeline import open_run
+from pipeline.review import store
 
 APP = os.path.join(os.path.dirname(__file__), "..", "pipeline", "review", "app.py")
 
@@ -107,3 +107,22 @@ def test_open_time_benchmark_quick(capsys):
 
     assert main(["--quick"]) == 0
     assert "first run" in capsys.readouterr().out
+
+
+def test_report_shows_the_review_section_under_the_data_key_contract(review_run):
+    import re
+
+    from pipeline.report import build_report
+    from pipeline.report.html import format_number, lookup
+
+    session = store.ReviewSession(review_run, "cara")
+    session.event("open_item", "x")
+    session.event("frame_prediction", "x", 0, 0, ms=12.5)
+    session.decide("x", 0, "label", label="cat")
+    report, page = build_report(review_run, gallery=False)
+    review = report["review"]
+    assert review["decisions"]["labelled"] >= 1 and review["monitor"]["latency"][0]["count"] >= 1
+    keys = re.findall(r'<span data-key="(review\.[^"]+)">([^<]*)</span>', page)
+    assert len(keys) >= 15 and "<h2>Review</h2>" in page
+    for key, text in keys:
+        assert text == format_number(lookup(report, key)), key

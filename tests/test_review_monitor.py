@@ -1,7 +1,7 @@
 """pipeline/review/monitor.py: each figure and each alert rule, on hand-made event tables."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pytest
@@ -9,7 +9,7 @@ import pytest
 from pipeline.review.monitor import monitor
 from pipeline.review.records import EVENTS_SCHEMA
 
-T = datetime(2026, 12, 5, tzinfo=timezone.utc)
+T = datetime(2026, 12, 5, tzinfo=UTC)
 
 
 def table(*rows) -> pa.Table:
@@ -22,12 +22,12 @@ def table(*rows) -> pa.Table:
 
 
 def correction(item, obj, frame, fg, bg):
-    return ("s", "correction", item, dict(object_id=obj, frame=frame, fg_clicks=fg, bg_clicks=bg))
+    return ("s", "correction", item, {"object_id": obj, "frame": frame, "fg_clicks": fg, "bg_clicks": bg})
 
 
 def test_latency_percentiles_per_kind():
-    rows = [("s", "frame_prediction", "a", dict(ms=float(ms))) for ms in range(1, 101)]
-    rows.append(("s", "propagation", "a", dict(ms=2000.0)))
+    rows = [("s", "frame_prediction", "a", {"ms": float(ms)}) for ms in range(1, 101)]
+    rows.append(("s", "propagation", "a", {"ms": 2000.0}))
     m = monitor(table(*rows))
     fp, prop = m.latency
     assert (fp.kind, fp.count, fp.p50) == ("frame_prediction", 100, pytest.approx(50.5))
@@ -62,9 +62,9 @@ def test_retries_are_corrections_on_an_already_corrected_masklet_frame():
 
 def test_abandons_are_finished_visits_without_a_decision_on_that_item():
     m = monitor(table(
-        ("s", "open_item", "a", {}), ("s", "decision", "a", dict(object_id=0)),
+        ("s", "open_item", "a", {}), ("s", "decision", "a", {"object_id": 0}),
         ("s", "open_item", "b", {}),  # left for c without a decision: abandoned
-        ("s", "open_item", "c", {}), ("s", "decision", "b", dict(object_id=0)),  # a decision on another item
+        ("s", "open_item", "c", {}), ("s", "decision", "b", {"object_id": 0}),  # a decision on another item
         ("s", "close_item", "c", {}),  # c: abandoned
         ("t", "open_item", "d", {}),  # still open in session t: in progress, not counted
     ))
@@ -74,6 +74,6 @@ def test_abandons_are_finished_visits_without_a_decision_on_that_item():
 
 def test_sessions_are_followed_separately():
     m = monitor(table(("s", "open_item", "a", {}), ("t", "open_item", "a", {}),
-                      ("s", "decision", "a", dict(object_id=0)), ("s", "close_item", "a", {}),
+                      ("s", "decision", "a", {"object_id": 0}), ("s", "close_item", "a", {}),
                       ("t", "close_item", "a", {})))
     assert (m.visits, m.abandons) == (2, 1)

@@ -87,7 +87,7 @@ def _frame(out: str, item_id: str, t: int) -> tuple[np.ndarray, np.ndarray]:
             masks[obj] = np.asarray(run.masklet_masks(item_id, obj)[t])
     try:
         rgb = _decode(run, item_id, [t]).get(t)
-    except Exception as e:  # the media moved or broke since the run: review the masks on grey
+    except Exception as e:  # noqa: BLE001  the media moved or broke since the run: review the masks on grey
         st.warning(f"frame {t} of {item_id} could not be decoded ({type(e).__name__}: {e}); masks on grey")
         rgb = None
     if rgb is None:
@@ -203,7 +203,7 @@ def _item(out: str, session, item_id: str, object_id: int, latest: dict) -> None
                               key="target")
         mode = st.radio("click adds", MODES, horizontal=True, key="mode")
     rgb, masks = _frame(out, item_id, t)
-    h, w = rgb.shape[:2]
+    _h, w = rgb.shape[:2]
     key = (item_id, target, t)
     if st.session_state.get("click_key") != key:  # clicks belong to one masklet on one frame
         st.session_state.click_key, st.session_state.clicks = key, []

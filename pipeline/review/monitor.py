@@ -124,3 +124,23 @@ def alerts(m: ReviewMonitor) -> list[str]:
     if m.abandon_rate is not None and m.abandon_rate > ABANDON_ALERT:
         out.append(f"{m.abandon_rate:.0%} of item visits end without a decision (alert above {ABANDON_ALERT:.0%})")
     return out
+
+
+def review_summary(out) -> dict | None:
+    """The review's figures for `masklet report` (report.json's "review"): decisions by status, labels,
+    corrections (pending: not yet in a version) and the monitor; None for a run never reviewed."""
+    from pipeline.paths import RunPaths
+    from pipeline.review import store
+
+    if not RunPaths.of(out).review.exists():
+        return None
+    decided = store.decisions(out).to_pylist()
+    status = [r["decision"] for r in decided]
+    corrections = store.corrections(out)
+    return {
+        "decisions": {"accept": status.count("accept"), "reject": status.count("reject"),
+                      "duplicate": status.count("duplicate"), "labelled": sum(1 for r in decided if r["label"])},
+        "corrections": {"total": corrections.num_rows,
+                        "pending": store.corrections(out, pending_only=True).num_rows},
+        "monitor": monitor(store.events(out)).to_dict(),
+    }

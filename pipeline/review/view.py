@@ -90,11 +90,11 @@ def overlay(rgb: np.ndarray, masks: dict[int, np.ndarray], *, opacity: float = 0
             cv2.drawContours(img, contours, -1, c, t)
     r = max(3, thick * 3)
     for x, y, label in points:
-        centre = (int(round(x)), int(round(y)))
+        centre = (round(x), round(y))
         cv2.circle(img, centre, r + 1, (0, 0, 0), -1)
         cv2.circle(img, centre, r, (0, 220, 0) if label else (230, 0, 0), -1)
     if box is not None:
-        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        x0, y0, x1, y1 = (round(v) for v in box)
         cv2.rectangle(img, (x0, y0), (x1, y1), (255, 255, 0), thick)
     return img
 
