@@ -392,6 +392,15 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_refine(args) -> int:
+    from pipeline.review.refine import refine_run
+
+    result = refine_run(args.out, executor=args.executor, profile=args.profile, workers=args.workers)
+    print(f"refined {result['masklets']} masklet(s) of {args.out}; {result['pending_after']} still with pending "
+          f"corrections" + (" (run the same command again: it resumes)" if result["pending_after"] else ""))
+    return 0 if not result["pending_after"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="masklet", description=__doc__)
     from pipeline import __version__
@@ -509,6 +518,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dask: processes (default 1); slurm: array tasks (default slurm.array_parallelism)")
     export.add_argument("--profile", default=None, help="with --executor slurm: cluster profile (as for `run`)")
     export.set_defaults(func=_cmd_export)
+
+    refine = sub.add_parser("refine", help="replay review corrections with SAM 2 into new masklet versions "
+                                           "(resumes per masklet)")
+    refine.add_argument("out", help="run folder")
+    refine.add_argument("--executor", choices=["local", "slurm"], default="local",
+                        help="local: this process; slurm: array tasks of masklet chunks")
+    refine.add_argument("--profile", default=None, help="with --executor slurm: cluster profile (as for `run`)")
+    refine.add_argument("--workers", type=int, default=None,
+                        help="slurm: array tasks (default slurm.array_parallelism)")
+    refine.set_defaults(func=_cmd_refine)
     return parser
 
 

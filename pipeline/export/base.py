@@ -14,10 +14,9 @@ so a format never needs a whole item's masks in memory.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import pyarrow as pa

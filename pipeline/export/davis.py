@@ -67,7 +67,8 @@ class DavisPng:
     def finish(self, dest: Path, items: list[dict], run: RunInfo) -> dict:
         def write(path: Path) -> None:
             with open(path, "w") as f:
-                f.writelines(json.dumps({"video": i["item_id"], "ids": i["ids"]}) + "\n" for i in items)
+                for i in items:
+                    f.write(json.dumps({"video": i["item_id"], "ids": i["ids"]}) + "\n")
 
         write_atomic(Path(dest) / OBJECTS_FILE, write)
         return {"overwritten_pixels": sum(i["overwritten_pixels"] for i in items),

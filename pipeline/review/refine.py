@@ -168,7 +168,7 @@ class Replayer:
         from pipeline.store.masks import open_masks
 
         array = open_masks(self.paths, item_id)
-        _, num_frames, height, width = array.shape
+        num_frames = array.shape[1]
         row = [r for r in self.plan_masklets(item_id) if r["object_id"] == object_id]
         if not row:
             raise KeyError(f"item {item_id!r} has no masklet {object_id} in {out}")
@@ -312,7 +312,7 @@ def refine_run(out: str | Path, executor: str = "local", profile: str | None = N
         step = math.ceil(len(keys) / tasks_n)
         chunks = [tuple(keys[i:i + step]) for i in range(0, len(keys), step)]
         tasks = [slurm.CallTask(__name__, "refine_masklets", (out, chunk)) for chunk in chunks]
-        folder = plan.paths.slurm / "refine" / "%j"
+        folder = plan.paths.refine_submitit_folder
         folder.parent.mkdir(parents=True, exist_ok=True)
         task_ids = slurm.submit_array(folder, cfg, tasks)
         job_id = task_ids[0].split("_")[0]

@@ -217,7 +217,7 @@ def write_version(out: str | Path, item_id: str, object_id: int, masks: np.ndarr
             "masklet_type": pa.array(["manual"], pa.string()),
             "edited_frame_count": pa.array([len(set(edited_frames))], pa.int32()),
             "corrections": pa.array([list(corrections)], pa.list_(pa.string())),
-            "locked_frames": pa.array([sorted(set(int(f) for f in locked_frames))], pa.list_(pa.int32())),
+            "locked_frames": pa.array([sorted({int(f) for f in locked_frames})], pa.list_(pa.int32())),
             "created_at": pa.array([dt.datetime.now(dt.UTC)], pa.timestamp("ms", tz="UTC")),
         }
         for f in VERSION_COLUMNS:
