@@ -126,3 +126,16 @@ def test_report_shows_the_review_section_under_the_data_key_contract(review_run)
     assert len(keys) >= 15 and "<h2>Review</h2>" in page
     for key, text in keys:
         assert text == format_number(lookup(report, key)), key
+
+
+def test_review_command_runs_streamlit_headless_on_localhost(review_run):
+    from pipeline.cli import build_parser, review_command
+
+    args = build_parser().parse_args(["review", review_run, "--port", "8600", "--reviewer", "dee"])
+    assert (args.out, args.port, args.reviewer) == (review_run, 8600, "dee")
+    cmd = review_command(review_run, 8600, "dee")
+    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4].endswith(os.path.join("review", "app.py"))
+    flags = dict(zip(cmd[5:cmd.index("--")][::2], cmd[5:cmd.index("--")][1::2]))
+    assert flags["--server.headless"] == "true" and flags["--server.address"] == "localhost"
+    assert flags["--server.port"] == "8600"
+    assert cmd[cmd.index("--") + 1:] == ["--out", os.path.abspath(review_run), "--reviewer", "dee"]

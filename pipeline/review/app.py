@@ -290,6 +290,9 @@ def _propagate(out, session) -> None:
         return
     correction_id, item_id, target = last
     st.success(f"correction {correction_id[:8]} queued for {item_id}/{target if target >= 0 else 'new'}")
+    if target < 0:
+        st.caption("a new masklet waits: refine does not create masklets yet (README-refine.md)")
+        return
     if not _refine_available():
         st.caption("re-tracking waits for `masklet refine OUT` (refine is not installed in this build)")
         return
