@@ -92,7 +92,7 @@ def test_review_in_chromium(review_run, tmp_path):
             page.keyboard.press("ArrowDown")
             page.keyboard.press("Enter")
             settle(page)
-            page.get_by_role("button", name="Accept (a)").click()
+            page.get_by_role("button", name="Accept", exact=True).click()
             settle(page)
             bp.screenshot(artifact_path("review-accepted.png", tmp_path), full_page=True)
             assert not bp.page_errors, bp.page_errors

@@ -341,9 +341,9 @@ def _decisions(session, item_id, object_id, objects, latest) -> None:
         session.event("decision", item_id, object_id)
         st.rerun()
 
-    if cols[0].button("Accept (a)", key="accept", type="primary"):
+    if cols[0].button("Accept", key="accept", type="primary"):
         decide("accept")
-    if cols[1].button("Reject (r)", key="reject"):
+    if cols[1].button("Reject", key="reject"):
         decide("reject")
     others = [store.masklet_id(item_id, o) for o in objects if o != object_id]
     dup = cols[2].selectbox("duplicate of", others or ["-"], key="dup_of")
