@@ -9,15 +9,8 @@ import warnings
 
 import yaml
 
-from pipeline.config import (
-    ConfigError,
-    config_from_dict,
-    config_to_dict,
-    load_config,
-    merge_dicts,
-    parse_overrides,
-    profile_path,
-)
+from pipeline.config import (ConfigError, config_from_dict, config_to_dict, load_config, merge_dicts, parse_overrides,
+                             profile_path)
 
 # Exit status when a shard was refused because another live worker owns it (sysexits.h EX_TEMPFAIL): the
 # work is being done elsewhere; try again later.
