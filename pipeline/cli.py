@@ -300,6 +300,31 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def review_command(out: str, port: int, reviewer: str) -> list[str]:
+    """The `streamlit run` command line of `masklet review` (headless, on localhost only)."""
+    from pathlib import Path
+
+    app = Path(__file__).parent / "review" / "app.py"
+    return [sys.executable, "-m", "streamlit", "run", str(app), "--server.headless", "true",
+            "--server.address", "localhost", "--server.port", str(port), "--browser.gatherUsageStats", "false",
+            "--", "--out", str(Path(out).resolve()), "--reviewer", reviewer]
+
+
+def _cmd_review(args) -> int:
+    import getpass
+    import os
+
+    from pipeline.plan import load_run
+
+    load_run(args.out)  # a clear error before a server starts on something that is not a run
+    reviewer = args.reviewer or getpass.getuser()
+    print(f"masklet review: http://localhost:{args.port} (reviewer {reviewer}; Ctrl-C stops it)", flush=True)
+    # exec, not a child: a signal to `masklet review` (Ctrl-C, a test's terminate) reaches the server itself.
+    cmd = review_command(args.out, args.port, reviewer)
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
+
+
 def _cmd_evaluate(args) -> int:
     from pipeline.evaluate import evaluate, format_results, write_results
 
@@ -427,6 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--top", type=int, default=12, help="masklets of highest review priority in the gallery")
     report.add_argument("--no-gallery", action="store_true", help="leave out the gallery (no media decoded)")
     report.set_defaults(func=_cmd_report)
+
+    review = sub.add_parser("review", help="the review app (Streamlit, on localhost): queue by review priority, "
+                                           "decisions, click-to-correct with SAM 2, monitoring")
+    review.add_argument("out", help="run folder")
+    review.add_argument("--port", type=int, default=8501, help="port on localhost (default 8501)")
+    review.add_argument("--reviewer", default=None, help="who decides (default: the login name)")
+    review.set_defaults(func=_cmd_review)
 
     ev = sub.add_parser("evaluate", help="J, F and J&F of a run or an export against DAVIS or SA-V ground truth")
     ev.add_argument("predictions", metavar="OUT|EXPORT_DIR", help="run folder, or an export in sav-png or davis-png "

@@ -44,6 +44,11 @@ def build_report(out: str | Path, top: int = 12, gallery: bool = True) -> tuple[
     else:
         note = "Gallery left out (--no-gallery); the top masklets are listed in report.json under top_masklets."
     report["gallery"] = entries
+    from pipeline.review.monitor import review_summary
+
+    review = review_summary(out)  # only once someone reviewed: report.json of an unreviewed run is unchanged
+    if review is not None:
+        report["review"] = review
     charts = {name: draw(report) for name, draw in plots.CHARTS.items()}
     return report, render(report, charts, images, gallery_note=note)
 
