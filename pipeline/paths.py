@@ -163,6 +163,11 @@ class RunPaths:
         return self.slurm / "%j"
 
     @property
+    def refine_submitit_folder(self) -> Path:
+        """submitit's folder pattern for `masklet refine --executor slurm` (slurm/refine/<job>_<task>/)."""
+        return self.slurm / "refine" / "%j"
+
+    @property
     def review(self) -> Path:
         return self.root / "review"
 

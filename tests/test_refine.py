@@ -217,14 +217,14 @@ def test_slurm_refine_cancelled_mid_batch_then_rerun_equals_an_uninterrupted_ref
     tasks = [slurm.CallTask("pipeline.review.refine", "refine_masklets", (str(plan.paths.root), tuple(objs_chunk)))
              for objs_chunk in ([(item, o) for o in objs],)]
     plan.paths.refine_submitit_folder.parent.mkdir(parents=True, exist_ok=True)
-    ids = slurm.submit_array(plan.paths.refine_submitit_folder, _slurm_config(plan, None), tasks)
+    ids = slurm.submit_array(plan.paths.refine_submitit_folder, _slurm_config(plan, "local-test"), tasks)
     first = Path(run_copy) / "versions" / item / "0" / "v001"
     deadline = time.monotonic() + 300
     while not first.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     subprocess.run(["scancel", ids[0].split("_")[0]], check=True)
     slurm.wait(None, [ids[0].split("_")[0]])
-    assert refine_run(run_copy, executor="slurm")["pending_after"] == 0
+    assert refine_run(run_copy, executor="slurm", profile="local-test")["pending_after"] == 0
     for o in objs:
         assert _versions_equal(run_copy, str(whole), item, o)
 
