@@ -503,8 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--min-frames-visible", type=int, default=None, metavar="N")
     export.add_argument("--min-area-share", type=float, default=None, metavar="X",
                         help="keep masklets whose mean share of the frame is at least X")
-    export.add_argument("--decision", choices=["accepted", "not-rejected"], default=None,
-                        help="keep masklets by review decision (needs a reviewed run)")
+    export.add_argument("--decision", choices=["accepted", "not-rejected", "all"], default=None,
+                        help="keep masklets by review decision (default on a reviewed run: not-rejected; "
+                             "`all` keeps rejected ones too)")
     export.add_argument("--executor", choices=["local", "dask", "slurm"], default="local",
                         help="local: this process; dask: --workers local processes; slurm: array tasks")
     export.add_argument("--workers", type=int, default=None,

@@ -75,6 +75,10 @@ def test_the_review_hook_feeds_decisions(handmade, tmp_path, monkeypatch):
     assert kept(tmp_path / "acc") == {"a.mp4": ["000"], "b.mp4": ["000"], "c.jpg": []}
     export_run(out, "sav-png", tmp_path / "nr", ExportFilter(decision="not-rejected"))
     assert kept(tmp_path / "nr") == {"a.mp4": ["000", "002"], "b.mp4": ["000", "001"], "c.jpg": []}
+    export_run(out, "sav-png", tmp_path / "default", ExportFilter())  # a reviewed run: rejected left out
+    assert kept(tmp_path / "default") == kept(tmp_path / "nr")
+    export_run(out, "sav-png", tmp_path / "all", ExportFilter(decision="all"))
+    assert kept(tmp_path / "all") == {"a.mp4": ["000", "001", "002"], "b.mp4": ["000", "001"], "c.jpg": []}
 
 
 def test_export_json_carries_the_run_and_the_random_weights_label(handmade, tmp_path):

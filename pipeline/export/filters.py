@@ -20,7 +20,7 @@ from collections.abc import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-DECISIONS = ("accepted", "not-rejected")
+DECISIONS = ("accepted", "not-rejected", "all")
 
 
 class ExportFilterError(ValueError):
@@ -35,7 +35,7 @@ class ExportFilter:
     no_flags: tuple[str, ...] = ()  # drop masklets with any of these flags
     min_frames_visible: int | None = None
     min_area_share: float | None = None  # on area_share_mean (null: never passes)
-    decision: str | None = None  # accepted | not-rejected
+    decision: str | None = None  # accepted | not-rejected | all; None: not-rejected once a review decided any
 
     def __post_init__(self):
         from pipeline.quality.flags import FLAG_NAMES
@@ -120,12 +120,14 @@ def masklet_mask(filt: ExportFilter, masklets: pa.Table, decisions: dict[str, st
         keep = pc.and_(keep, pc.greater_equal(masklets["frames_visible"], filt.min_frames_visible))
     if filt.min_area_share is not None:
         keep = pc.and_kleene(keep, pc.greater_equal(masklets["area_share_mean"], filt.min_area_share))
-    if filt.decision is not None:
+    # By default a reviewed run exports what no decision rejects (the review's point); `all` keeps everything.
+    mode = filt.decision or ("not-rejected" if decisions is not None else None)
+    if mode is not None and mode != "all":
         if decisions is None:
             raise ExportFilterError(f"--decision {filt.decision}: this run has no review decisions yet (nothing "
                                     f"has been reviewed); drop --decision")
         got = [decisions.get(m) for m in masklets["masklet_id"].to_pylist()]
-        wanted = [d == "accepted" if filt.decision == "accepted" else d != "rejected" for d in got]
+        wanted = [d == "accepted" if mode == "accepted" else d != "rejected" for d in got]
         keep = pc.and_(keep, pa.array(wanted, pa.bool_()))
     return pc.fill_null(keep, False)
 

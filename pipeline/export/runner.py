@@ -150,7 +150,7 @@ def prepare_export(out: str | Path, fmt_name: str, dest: str | Path, filt: Expor
     if paths.root.exists() and any(p.name != ".masklet-export" for p in paths.root.iterdir()):
         raise ExportError(f"{paths.root} is not empty and holds no masklet export: export to a new or empty folder")
     items = select_items(filt, run.item_ids("done"), str(run.paths.root))
-    if filt.decision is not None and filters.review_decisions(run) is None:
+    if filt.decision not in (None, "all") and filters.review_decisions(run) is None:
         raise ExportFilterError(f"--decision {filt.decision}: {run.paths.root} has no review decisions yet (nothing "
                                 f"has been reviewed); drop --decision")
     paths.done.mkdir(parents=True, exist_ok=True)
@@ -184,7 +184,7 @@ def _context_for(dest: str, spec_text: str) -> _Context:
     spec = json.loads(spec_text)
     run = open_run(spec["run"])
     filt = ExportFilter.from_dict(spec["filter"])
-    decisions = filters.review_decisions(run) if filt.decision is not None else None
+    decisions = filters.review_decisions(run)  # None without a review: then nothing is filtered by decision
     return _Context(paths, run, get_format(spec["format"]), filt, run_info(run), decisions)
 
 
