@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/bench_report.py` finds benchmarks.*
+
 TARGET_PEAK_GB = 2.0
 
 
