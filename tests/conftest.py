@@ -49,6 +49,13 @@ NEEDS_SLURM_CLUSTER = [
 ]
 
 
+def needs_slurm_cluster(test):
+    """NEEDS_SLURM_CLUSTER for one test of a module whose other tests run without the cluster."""
+    for mark in NEEDS_SLURM_CLUSTER:
+        test = mark(test)
+    return test
+
+
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory, demo_config, fast_overrides) -> str:
     """A real random-weight run folder, small enough for the tests that read a whole run (the report in a

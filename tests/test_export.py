@@ -16,7 +16,7 @@ from pipeline.export import filters
 from pipeline.export.base import RANDOM_WEIGHTS_LABEL
 from pipeline.export.filters import ExportFilter, ExportFilterError
 from pipeline.export.runner import ExportError, export_run
-from tests.conftest import NEEDS_SLURM_CLUSTER
+from tests.conftest import needs_slurm_cluster
 from tests.exportrun import make_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,13 +172,7 @@ def test_cli_exports_and_input_errors_exit_2(handmade, tmp_path, capsys):
     assert err.count("\n") == 1 and "no review decisions" in err
 
 
-def _needs_slurm(test):
-    for mark in NEEDS_SLURM_CLUSTER:
-        test = mark(test)
-    return test
-
-
-@_needs_slurm
+@needs_slurm_cluster
 def test_slurm_array_tasks_export_the_same_files(handmade, tmp_path):
     out, _ = handmade
     local = export_run(out, "sav-png", tmp_path / "local")

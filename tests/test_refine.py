@@ -14,7 +14,7 @@ from pipeline.review.refine import (
     refine_run,
 )
 from pipeline.review.store import ReviewSession
-from tests.conftest import NEEDS_SLURM_CLUSTER
+from tests.conftest import needs_slurm_cluster
 
 
 @pytest.fixture()
@@ -186,13 +186,7 @@ def test_cli_refine_and_a_kill_mid_batch_rerun_equals_an_uninterrupted_refine(ru
 
 
 
-def _needs_slurm(test):
-    for mark in NEEDS_SLURM_CLUSTER:
-        test = mark(test)
-    return test
-
-
-@_needs_slurm
+@needs_slurm_cluster
 def test_slurm_refine_cancelled_mid_batch_then_rerun_equals_an_uninterrupted_refine(run_copy, tmp_path):
     import subprocess
     import time
