@@ -72,9 +72,13 @@ def _count(summary: dict[str, int], flags: list) -> None:
 
 
 def _masklet_files(paths: RunPaths, shard_id: int) -> list[Path]:
-    folder = paths.shard_meta(shard_id)
-    return sorted(p / "masklets.parquet" for p in folder.iterdir()
-                  if p.is_dir() and (p / "masklets.parquet").exists()) if folder.exists() else []
+    """The shard's committed masklets files as readers resolve them (the store's own layout: the newest
+    compacted folder and the item folders; a stale compacted version, never read, is not rewritten)."""
+    from pipeline.store.commit import _shard_layout
+
+    compacted, _, items = _shard_layout(paths, shard_id)
+    folders = ([compacted] if compacted is not None else []) + [items[k] for k in sorted(items)]
+    return [d / "masklets.parquet" for d in folders if (d / "masklets.parquet").exists()]
 
 
 def _reflag_file(path: Path, qa: QAConfig, summary: ReflagSummary) -> None:
