@@ -101,6 +101,79 @@ def test_two_reviewers_at_once_lose_nothing(monkeypatch, review_run):
     assert len({r["session_id"] for r in after[before:]}) == 2
 
 
+@pytest.fixture
+def fresh_run(small_run, tmp_path) -> str:
+    """A copy of the small run no other test has reviewed (queue order without any decision)."""
+    out = tmp_path / "run"
+    shutil.copytree(small_run, out)
+    return str(out)
+
+
+def test_decision_and_next_buttons_carry_keyboard_shortcuts(monkeypatch, fresh_run):
+    from streamlit.elements.lib.shortcut_utils import normalize_shortcut
+
+    from pipeline.review.view import KEYS
+
+    at = app(monkeypatch, fresh_run, "ann")
+    for key, shortcut in KEYS.items():
+        assert button(at, key).proto.shortcut == normalize_shortcut(shortcut), key
+    assert {KEYS["accept"], KEYS["reject"]}.isdisjoint({"C", "R"})  # Streamlit's own keys
+
+
+def test_next_masklet_and_next_item_follow_the_queue_past_decided_masklets(monkeypatch, fresh_run):
+    at = app(monkeypatch, fresh_run, "ann")
+    ids = list(at.dataframe[0].value["masklet"])
+    assert at.selectbox(key="masklet_pick").value == ids[0]
+    button(at, "next_masklet").click().run()
+    assert at.selectbox(key="masklet_pick").value == ids[1]
+    button(at, "accept").click().run()  # ids[1] is decided: the queue puts it last, next goes on to ids[2]
+    assert list(at.dataframe[0].value["masklet"])[-1] == ids[1]
+    button(at, "next_masklet").click().run()
+    assert at.selectbox(key="masklet_pick").value == ids[2]
+    item = ids[2].rsplit("/", 1)[0]
+    button(at, "next_item").click().run()
+    want = next(m for m in ids[3:] if m.rsplit("/", 1)[0] != item)
+    assert at.selectbox(key="masklet_pick").value == want
+
+
+def test_rejected_masklets_can_be_filtered_out(monkeypatch, fresh_run):
+    at = app(monkeypatch, fresh_run, "ann")
+    first = at.selectbox(key="masklet_pick").value
+    button(at, "reject").click().run()
+    assert first in list(at.dataframe[0].value["masklet"])  # still listed by default, after the to-do ones
+    at.selectbox(key="f_decision").set_value("not rejected").run()
+    assert first not in list(at.dataframe[0].value["masklet"])
+    at.selectbox(key="f_decision").set_value("reject").run()
+    assert list(at.dataframe[0].value["masklet"]) == [first]
+
+
+def test_queue_ranks_a_refined_masklet_by_its_newest_version(monkeypatch, fresh_run):
+    """A version whose masks differ (here: emptied, written without the model) has other signals and so
+    another review priority; the queue must rank it by that one, not by the run's row."""
+    import numpy as np
+
+    from pipeline.review import versions
+
+    run = open_run(fresh_run, versions="original")
+    masklets = run.scan("masklets", columns=["masklet_id", "item_id", "object_id", "review_priority"])
+    top = masklets.take(pc.sort_indices(masklets, [("review_priority", "descending"),
+                                                   ("masklet_id", "ascending")])).to_pylist()[0]
+    item, obj = top["item_id"], top["object_id"]
+    _, frames, h, w = run.masks(item).shape
+    assert versions.write_version(fresh_run, item, obj, np.zeros((frames, h, w), bool),
+                                  np.full(frames, np.nan, np.float32), [], []) == 1
+    new_priority = versions.latest_versions(fresh_run).to_pylist()[0]["review_priority"]
+    assert new_priority != top["review_priority"], "the test needs a version that ranks differently"
+    at = app(monkeypatch, fresh_run, "ann")
+    shown = at.dataframe[0].value
+    priority = {r["masklet_id"]: r["review_priority"] for r in masklets.to_pylist()}
+    priority[top["masklet_id"]] = new_priority
+    want = sorted(priority, key=lambda m: (-(priority[m] if priority[m] is not None else -np.inf), m))
+    assert list(shown["masklet"]) == want
+    row = shown[shown["masklet"] == top["masklet_id"]].iloc[0]
+    assert row["version"] == 1 and row["priority"] == pytest.approx(new_priority)
+
+
 def test_open_time_benchmark_quick(capsys):
     """benchmarks/bench_review_open.py --quick: a fabricated 2,000-item run opens well under the target."""
     from benchmarks.bench_review_open import main

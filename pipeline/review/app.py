@@ -18,6 +18,7 @@ import sys
 import time
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import streamlit as st
 
@@ -28,6 +29,7 @@ DISPLAY_WIDTH = 640  # the click image's displayed width (fixed, so clicks conve
 QUEUE_SHOWN = 200
 MODES = ("positive point", "negative point", "box (drag)")
 NEW_MASKLET = -1
+KEYS = view.KEYS
 
 
 def _args() -> tuple[str, str]:
@@ -65,33 +67,44 @@ def _predictor(out: str):
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def _item_tables(out: str, item_id: str):
+    """The item's masklet rows as they are now (each masklet's newest version, new masklets included:
+    pipeline/review/versions.item_masklets) and the frames where each is visible."""
+    from pipeline.review import versions
+
     run = _run(out)
-    masklets = run.masklets_for(item_id).to_pylist()
+    table = versions.item_masklets(out, item_id, run.masklets_for(item_id))
+    newest = {r["object_id"]: r["version"] for r in table.select(["object_id", "version"]).to_pylist()
+              if r["version"]}
     frames = run.frames_for(item_id).select(["object_id", "frame", "area"])
+    parts = [frames.filter(pc.invert(pc.is_in(frames["object_id"], value_set=pa.array(list(newest), pa.int32()))))]
+    parts += [versions.version_frames(out, item_id, o, v).select(frames.column_names) for o, v in newest.items()]
+    frames = pa.concat_tables(parts)
     frames = frames.filter(pc.greater(frames["area"], 0))
     visible: dict[int, set[int]] = {}
     for obj, t in zip(frames["object_id"].to_pylist(), frames["frame"].to_pylist()):
         visible.setdefault(obj, set()).add(t)
-    return sorted(masklets, key=lambda r: r["object_id"]), visible
+    return table.to_pylist(), visible
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def _frame(out: str, item_id: str, t: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rgb of decoded frame t, bool masks (objects, H, W) at t); grey when the media cannot be decoded."""
+def _frame(out: str, item_id: str, t: int) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """(rgb of decoded frame t, {object_id: bool (H, W) mask at t} of each masklet at its newest version, new
+    masklets included); grey when the media cannot be decoded."""
     from pipeline.report.gallery import _decode
+    from pipeline.review import versions
 
     run = _run(out)
-    masks = np.asarray(run.masks(item_id)[:, t])
-    for obj in range(len(masks)):  # a refined masklet shows its newest version (pipeline/review/versions.py)
-        if run.paths.masklet_versions(item_id, obj).exists():
-            masks[obj] = np.asarray(run.masklet_masks(item_id, obj)[t])
+    array = run.masks(item_id)
+    masks = dict(enumerate(np.asarray(array[:, t])))
+    for obj in versions.versioned_objects(out, item_id):  # a refined or new masklet shows its newest version
+        masks[obj] = np.asarray(run.masklet_masks(item_id, obj)[t])
     try:
         rgb = _decode(run, item_id, [t]).get(t)
     except Exception as e:  # noqa: BLE001  the media moved or broke since the run: review the masks on grey
         st.warning(f"frame {t} of {item_id} could not be decoded ({type(e).__name__}: {e}); masks on grey")
         rgb = None
     if rgb is None:
-        rgb = np.full((*masks.shape[1:], 3), 128, dtype=np.uint8)
+        rgb = np.full((*array.shape[2:], 3), 128, dtype=np.uint8)
     return rgb, masks
 
 
@@ -119,8 +132,12 @@ def _sidebar(out: str, reviewer: str, queue, latest: dict) -> dict:
     all_flags = sorted(set(pc.list_flatten(queue["flags"]).unique().to_pylist()) - {None})
     filters = {
         "flags": sb.multiselect("flags (any of)", all_flags, key="f_flags"),
-        "decision": sb.selectbox("decision", ["", view.TODO, "accept", "reject", "duplicate"], key="f_decision"),
+        "decision": sb.selectbox("decision", view.DECISION_FILTERS, key="f_decision",
+                                 format_func=lambda d: d or "all",
+                                 help="'not rejected' leaves out rejected and duplicate masklets"),
         "item": sb.text_input("item id contains", key="f_item"),
+        "todo_first": sb.toggle("to do first", True, key="f_todo_first",
+                                help="masklets with no decision yet before the decided ones"),
     }
     sb.subheader("Monitoring")
     m = monitor_mod.monitor(store.events(out))
@@ -160,21 +177,43 @@ def main() -> None:
     latest = view.latest_decisions(store.decisions(out))
     filters = _sidebar(out, reviewer, queue, latest)
     shown = view.filter_queue(queue, latest, filters["flags"], filters["decision"] or None, filters["item"])
+    shown = shown.append_column("rank", pa.array(np.arange(len(shown), dtype=np.int64)))
+    if filters["todo_first"]:
+        shown = view.todo_first(shown, latest)
 
-    st.subheader(f"Queue: {len(shown):,} masklets (highest review priority first)")
+    st.subheader(f"Queue: {len(shown):,} masklets ({'to do first, then ' if filters['todo_first'] else ''}"
+                 f"highest review priority first; a refined masklet ranks by its newest version)")
     top = shown.slice(0, QUEUE_SHOWN).to_pylist()
     if not top:
         st.info("no masklet matches the filters")
         return
-    st.dataframe([{"masklet": r["masklet_id"], "priority": r["review_priority"],
+    st.dataframe([{"masklet": r["masklet_id"], "priority": r["review_priority"], "version": r["version"],
                    "flags": ", ".join(r["flags"] or []),
                    "decision": (latest.get(r["masklet_id"]) or {}).get("decision") or "",
                    "label": (latest.get(r["masklet_id"]) or {}).get("label") or ""} for r in top],
                  height=220, width="stretch")
     ids = [r["masklet_id"] for r in top]
     picked = st.selectbox("review masklet", ids, key="masklet_pick")
+    _next_buttons([r["masklet_id"] for r in sorted(top, key=lambda r: r["rank"])], picked,
+                  {m for m, r in latest.items() if r["decision"]} if filters["todo_first"] else set())
     row = top[ids.index(picked)]
     _item(out, session, row["item_id"], int(row["object_id"]), latest)
+
+
+def _go(target: str | None) -> None:
+    """on_click of the next buttons: runs before the rerun, so the selectbox is not drawn yet and its value
+    may be set."""
+    if target is not None:
+        st.session_state.masklet_pick = target
+
+
+def _next_buttons(ranked: list[str], current: str, decided: set[str]) -> None:
+    """Next masklet / next item, in review-priority order, past the decided ones when to-do comes first."""
+    c1, c2, _ = st.columns([1, 1, 4])
+    c1.button("Next masklet", key="next_masklet", shortcut=KEYS["next_masklet"], on_click=_go,
+              args=(view.next_masklet(ranked, current, decided),), help="the next masklet to review")
+    c2.button("Next item", key="next_item", shortcut=KEYS["next_item"], on_click=_go,
+              args=(view.next_item(ranked, current, decided),), help="the first masklet of the next item")
 
 
 def _item(out: str, session, item_id: str, object_id: int, latest: dict) -> None:
@@ -214,7 +253,7 @@ def _item(out: str, session, item_id: str, object_id: int, latest: dict) -> None
     extra = None
     if answer is not None and answer.candidates:
         extra = answer.candidates[min(choice, len(answer.candidates) - 1)].mask
-    img = view.overlay(rgb, {o: masks[o] for o in shown_objects if o < len(masks)}, opacity=opacity, fill=fill,
+    img = view.overlay(rgb, {o: masks[o] for o in shown_objects if o in masks}, opacity=opacity, fill=fill,
                        outline=outline, highlight=target, points=clicks, box=st.session_state.get("box"),
                        extra=extra)
     with left:
@@ -290,14 +329,12 @@ def _propagate(out, session) -> None:
         return
     correction_id, item_id, target = last
     st.success(f"correction {correction_id[:8]} queued for {item_id}/{target if target >= 0 else 'new'}")
-    if target < 0:
-        st.caption("a new masklet waits: refine does not create masklets yet (README-refine.md)")
-        return
     if not _refine_available():
         st.caption("re-tracking waits for `masklet refine OUT` (refine is not installed in this build)")
         return
-    if st.button("Propagate now", key="propagate"):
-        from pipeline.review.refine import refine_masklet
+    if st.button("Propagate now", key="propagate",
+                 help="re-track this masklet with SAM 2 now (a new masklet: track it from this frame forward)"):
+        from pipeline.review.refine import refine_masklet, refine_new_masklets
 
         bar = st.progress(0.0, text="propagating")
 
@@ -305,14 +342,19 @@ def _propagate(out, session) -> None:
             bar.progress(min(1.0, done / total) if total else 0.0, text=f"{stage}: {done} / {total}")
 
         t0 = time.perf_counter()
-        result = refine_masklet(out, item_id, target, progress=progress)
+        if target < 0:
+            created = refine_new_masklets(out, item_id, progress=progress)
+            result = 1 if created else None
+            message = f"{item_id}: new masklet(s) {', '.join(map(str, created))} written (version 1)"
+        else:
+            result = refine_masklet(out, item_id, target, progress=progress)
+            message = f"{item_id}/{target}: version {result} written"
         ms = (time.perf_counter() - t0) * 1000
         session.event("propagation", item_id, None if target < 0 else target, ms=ms)
         bar.progress(1.0, text=f"propagated in {ms / 1000:.1f} s")
         st.session_state.last_correction = None
         st.session_state.propagated = result
-        st.success(f"{item_id}/{target}: version {result} written" if result is not None
-                   else "nothing was pending for this masklet")
+        st.success(message if result is not None else "nothing was pending for this masklet")
         for cached in (_run, _queue, _item_tables, _frame):  # the new version replaces the masks shown
             cached.clear()
 
@@ -341,9 +383,10 @@ def _decisions(session, item_id, object_id, objects, latest) -> None:
         session.event("decision", item_id, object_id)
         st.rerun()
 
-    if cols[0].button("Accept", key="accept", type="primary"):
+    if cols[0].button("Accept", key="accept", type="primary", shortcut=KEYS["accept"],
+                      help=f"accept {mid} (key {KEYS['accept']})"):
         decide("accept")
-    if cols[1].button("Reject", key="reject"):
+    if cols[1].button("Reject", key="reject", shortcut=KEYS["reject"], help=f"reject {mid} (key {KEYS['reject']})"):
         decide("reject")
     others = [store.masklet_id(item_id, o) for o in objects if o != object_id]
     dup = cols[2].selectbox("duplicate of", others or ["-"], key="dup_of")

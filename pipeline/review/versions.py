@@ -128,7 +128,8 @@ def frame_reader(out: str | Path, item_id: str, object_id: int, version: int):
 
 @dataclass(frozen=True)
 class _Prompt:
-    """The fields metadata.masklets_table reads from a prompt, rebuilt from a run's masklets row."""
+    """The fields metadata.masklets_table reads from a prompt, rebuilt from a masklets row (the run's, or a
+    new masklet's first version: prompt_source "manual", its creating correction's frame and first point)."""
 
     object_id: int
     source: str
@@ -145,26 +146,90 @@ class _Prompt:
                    int(row["prompt_area"]))
 
 
+def new_masklet_prompt(object_id: int, frame: int, point: tuple[float, float], predicted_iou: float,
+                       area: int) -> dict:
+    """The prompt columns of a masklet a reviewer added for a missed object (refine's new masklets):
+    source "manual", SAM 2's predicted IoU of the candidate picked, no stability score (a click has none)."""
+    return {"object_id": int(object_id), "prompt_source": "manual", "prompt_frame": int(frame),
+            "prompt_x": float(point[0]), "prompt_y": float(point[1]), "predicted_iou": float(predicted_iou),
+            "stability_score": float("nan"), "prompt_area": int(area)}
+
+
+def versioned_objects(out: str | Path, item_id: str) -> list[int]:
+    """The object ids of `item_id` with a published version, ascending (new masklets included)."""
+    folder = RunPaths.of(out).masklet_versions(item_id, 0).parent  # versions/<item_id>/
+    if not folder.exists():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and any(
+        _VERSION_DIR.match(v.name) for v in p.iterdir()))
+
+
+def _version_row(out: str | Path, item_id: str, object_id: int, version: int) -> dict:
+    path = version_folder(out, item_id, object_id, version) / "masklet.parquet"
+    return pq.read_table(path, schema=VERSION_SCHEMA).to_pylist()[0]
+
+
+def version_rows_of(out: str | Path, item_id: str, object_id: int, numbers: Sequence[int]) -> list[dict]:
+    """The masklet rows of these published versions of one masklet."""
+    return [_version_row(out, item_id, object_id, v) for v in numbers]
+
+
+def version_corrections(out: str | Path, item_id: str, object_id: int) -> set[str]:
+    """Every correction id the published versions of one masklet list."""
+    numbers = published_versions(RunPaths.of(out), item_id, object_id)
+    return {c for row in version_rows_of(out, item_id, object_id, numbers) for c in row["corrections"] or ()}
+
+
+def item_masklets(out: str | Path, item_id: str, run_rows: pa.Table) -> pa.Table:
+    """One item's masklet rows as readers see them now (VERSION_SCHEMA, object_id order): each masklet's
+    newest version in place of the run's row (`run_rows`, that item's masklets.parquet rows), and the new
+    masklets refine created from corrections on missed objects. No versions: the run's rows as version 0."""
+    table = with_version_zero(run_rows.select(metadata.MASKLETS_SCHEMA.names)).cast(VERSION_SCHEMA)
+    objects = versioned_objects(out, item_id)
+    if not objects:
+        return table.sort_by("object_id")
+    paths = RunPaths.of(out)
+    newest = [_version_row(out, item_id, o, published_versions(paths, item_id, o)[-1]) for o in objects]
+    newest = pa.Table.from_pylist(newest, schema=VERSION_SCHEMA)
+    table = table.filter(pc.invert(pc.is_in(table["object_id"], value_set=newest["object_id"])))
+    return pa.concat_tables([table, newest]).sort_by("object_id")
+
+
+def _item_prompts(out, run, item_id: str, object_id: int, prompt: dict | None) -> tuple[list[dict], bool]:
+    """The item's masklet rows that carry prompts (the run's), with `object_id`'s added when it is a new
+    masklet (from `prompt`, or its first version's row); and whether it is new."""
+    rows = run.masklets_for(item_id).sort_by("object_id").to_pylist()
+    if object_id in [r["object_id"] for r in rows]:
+        return rows, False
+    if prompt is None:
+        published = published_versions(RunPaths.of(out), item_id, object_id)
+        if not published:
+            raise KeyError(f"item {item_id!r} has no masklet {object_id} in {RunPaths.of(out).root}: neither the "
+                           f"run's nor a new masklet's version; correct one of the item's masklets, or object_id -1 "
+                           f"for a new one")
+        prompt = _version_row(out, item_id, object_id, published[0])
+    return rows + [dict(prompt, object_id=object_id)], True
+
+
 def write_version(out: str | Path, item_id: str, object_id: int, masks: np.ndarray, object_scores: np.ndarray,
                   corrections: Sequence[str], edited_frames: Sequence[int], locked_frames: Sequence[int] = (),
-                  fg_points: int = 0, bg_points: int = 0, version: int | None = None) -> int:
+                  fg_points: int = 0, bg_points: int = 0, version: int | None = None,
+                  prompt: dict | None = None) -> int:
     """Publish a new version of one masklet: `masks` bool (frames, H, W) on the run's decoded frames,
     `object_scores` (frames,) (NaN: none). `corrections`: every correction id in it (its base's and the new
     ones); `edited_frames`: the frames whose mask came from a correction; fg/bg_points: the reviewer's clicks
-    on top of the automatic prompt. Returns the version number (the next free one unless given)."""
+    on top of the automatic prompt. A new masklet (an object id the run does not have) takes `prompt`
+    (new_masklet_prompt) for its first version, its first version's prompt after. Returns the version number
+    (the next free one unless given)."""
     from pipeline.plan import load_run
     from pipeline.results import open_run
 
     plan = load_run(out)
     paths = plan.paths
-    run = open_run(out)
-    base = run.masklets_for(item_id).sort_by("object_id")
-    rows = base.to_pylist()
     object_id = int(object_id)
-    if object_id not in [r["object_id"] for r in rows]:
-        raise KeyError(f"item {item_id!r} has no masklet {object_id} in {paths.root}")
+    rows, is_new = _item_prompts(out, open_run(out), item_id, object_id, prompt)
     array = open_masks(paths, item_id)
-    num_objects, num_frames, height, width = array.shape
+    _, num_frames, height, width = array.shape
     if masks.shape != (num_frames, height, width) or masks.dtype != np.bool_:
         raise ValueError(f"masklet {item_id}/{object_id}: masks must be bool {(num_frames, height, width)}, "
                          f"got {masks.dtype} {masks.shape}")
@@ -174,44 +239,13 @@ def write_version(out: str | Path, item_id: str, object_id: int, masks: np.ndarr
     if final.exists():
         raise FileExistsError(f"{final} exists: version {version} of masklet {item_id}/{object_id} was published "
                               f"already (two refines of one masklet at once?)")
-    source_frames = [int(s) for s in array.attrs["source_frames"]][:num_frames]
-    run_frames = run.frames_for(item_id)
-    scores = {(r["object_id"], r["frame"]): r["object_score"]
-              for r in run_frames.select(["object_id", "frame", "object_score"]).to_pylist()}
-    object_ids = [r["object_id"] for r in rows]
-    prompts = [PromptSignals(r["object_id"], r["prompt_frame"], r["predicted_iou"], r["stability_score"],
-                             r["prompt_area"], 1 + (fg_points if r["object_id"] == object_id else 0),
-                             bg_points if r["object_id"] == object_id else 0) for r in rows]
-    signals = MaskletSignals(prompts, height, width, keep_rows=False)
-    frame_rows = metadata.FrameRows(item_id, signals)
-
     stage_root = paths.version_tmp(item_id, object_id)
     shutil.rmtree(stage_root, ignore_errors=True)  # what a killed write left
     stage = stage_root / f"v{version:03d}.{uuid.uuid4().hex[:8]}"
     stage.mkdir(parents=True)
-    attrs = {"item_id": item_id, "object_ids": [object_id], "source_frames": source_frames,
-             "model": array.attrs.get("model"), "random_weights": array.attrs.get("random_weights"),
-             "version": version}
-    writer = MaskWriter(paths, item_id, 1, num_frames, height, width, plan.config.store, attrs,
-                        stage=stage / "masks.zarr")
     try:
-        plane = object_ids.index(object_id)
-        for t in range(num_frames):
-            everyone = np.asarray(array[:, t]) if num_objects else np.zeros((0, height, width), bool)
-            everyone = everyone[object_ids]
-            everyone[plane] = masks[t]
-            obj_scores = np.array([scores.get((o, t), np.nan) for o in object_ids], dtype=np.float32)
-            obj_scores[plane] = object_scores[t]
-            frame_rows.add(t, source_frames[t], object_ids, everyone, obj_scores)
-            writer.write(FrameMasks(t, source_frames[t], (object_id,), masks[t][None],
-                                    np.asarray(object_scores[t:t + 1], np.float32)))
-        writer.finish()
-        frames_all = frame_rows.table()
-        computed = signals.finish()
-        table = metadata.masklets_table(item_id, [_Prompt.from_row(r) for r in rows], source_frames, frames_all,
-                                        computed.masklets, current_qa(paths, plan.config))
-        table = table.filter(pc.equal(table["object_id"], object_id))
-        frames = frames_all.filter(pc.equal(frames_all["object_id"], object_id))
+        table, frames = _stage_version(plan, open_run(out), array, item_id, object_id, version, rows, is_new, masks,
+                                       object_scores, stage, fg_points, bg_points)
         extra = {
             "version": pa.array([version], pa.int32()),
             "masklet_type": pa.array(["manual"], pa.string()),
@@ -229,6 +263,51 @@ def write_version(out: str | Path, item_id: str, object_id: int, masks: np.ndarr
     finally:
         shutil.rmtree(stage_root, ignore_errors=True)
     return version
+
+
+def _stage_version(plan, run, array, item_id: str, object_id: int, version: int, rows: list[dict],
+                   is_new: bool, masks: np.ndarray, object_scores: np.ndarray, stage: Path, fg_points: int,
+                   bg_points: int) -> tuple[pa.Table, pa.Table]:
+    """Write the version's masks under `stage` and compute its masklet row and frame rows, with the signals
+    over every object of the item: the run's at their own masks (version 0), this one at `masks`. Other new
+    masklets are not among them (they have no plane in the run's array): see README-review.md."""
+    num_objects, num_frames, height, width = array.shape
+    source_frames = [int(s) for s in array.attrs["source_frames"]][:num_frames]
+    scores = {(r["object_id"], r["frame"]): r["object_score"]
+              for r in run.frames_for(item_id).select(["object_id", "frame", "object_score"]).to_pylist()}
+    object_ids = [r["object_id"] for r in rows]
+    run_ids = object_ids[:-1] if is_new else object_ids
+    prompts = [PromptSignals(r["object_id"], r["prompt_frame"], r["predicted_iou"], r["stability_score"],
+                             r["prompt_area"], 1 + (fg_points if r["object_id"] == object_id else 0),
+                             bg_points if r["object_id"] == object_id else 0) for r in rows]
+    if is_new:  # a reviewer's clicks are its whole prompt: no automatic point under them
+        prompts[-1] = PromptSignals(object_id, rows[-1]["prompt_frame"], rows[-1]["predicted_iou"],
+                                    rows[-1]["stability_score"], rows[-1]["prompt_area"], fg_points, bg_points)
+    signals = MaskletSignals(prompts, height, width, keep_rows=False)
+    frame_rows = metadata.FrameRows(item_id, signals)
+    attrs = {"item_id": item_id, "object_ids": [object_id], "source_frames": source_frames,
+             "model": array.attrs.get("model"), "random_weights": array.attrs.get("random_weights"),
+             "version": version}
+    writer = MaskWriter(plan.paths, item_id, 1, num_frames, height, width, plan.config.store, attrs,
+                        stage=stage / "masks.zarr")
+    plane = object_ids.index(object_id)
+    for t in range(num_frames):
+        everyone = np.asarray(array[:, t]) if num_objects else np.zeros((0, height, width), bool)
+        everyone = everyone[run_ids]
+        if is_new:
+            everyone = np.concatenate([everyone, masks[t][None]])
+        everyone[plane] = masks[t]
+        obj_scores = np.array([scores.get((o, t), np.nan) for o in object_ids], dtype=np.float32)
+        obj_scores[plane] = object_scores[t]
+        frame_rows.add(t, source_frames[t], object_ids, everyone, obj_scores)
+        writer.write(FrameMasks(t, source_frames[t], (object_id,), masks[t][None],
+                                np.asarray(object_scores[t:t + 1], np.float32)))
+    writer.finish()
+    frames_all = frame_rows.table()
+    table = metadata.masklets_table(item_id, [_Prompt.from_row(r) for r in rows], source_frames, frames_all,
+                                    signals.finish().masklets, current_qa(plan.paths, plan.config))
+    return (table.filter(pc.equal(table["object_id"], object_id)),
+            frames_all.filter(pc.equal(frames_all["object_id"], object_id)))
 
 
 def version_frames(out: str | Path, item_id: str, object_id: int, version: int) -> pa.Table:

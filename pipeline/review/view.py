@@ -17,13 +17,59 @@ import pyarrow.compute as pc
 QUEUE_COLUMNS = ["item_id", "object_id", "masklet_id", "flags", "review_priority", "predicted_iou",
                  "frames_visible"]
 TODO = "to do"
+NOT_REJECTED = "not rejected"
+REJECTED = ("reject", "duplicate")  # what exports and open_run leave out (pipeline/export/filters.py)
+DECISION_FILTERS = ("", TODO, NOT_REJECTED, "accept", "reject", "duplicate")
+# The app's keyboard shortcuts, button key -> key (Streamlit's own `shortcut=` on st.button, which shows the
+# key on the button). "C" and "R" are Streamlit's (clear cache, rerun), so reject is X.
+KEYS = {"accept": "A", "reject": "X", "next_masklet": "N", "next_item": "I"}
 
 
 def queue_table(run) -> pa.Table:
-    """Every masklet's QUEUE_COLUMNS, highest review_priority first (nulls last), ties by masklet_id."""
+    """Every masklet's QUEUE_COLUMNS plus `version`, ranked as the reviewer will see it now: a masklet that
+    `masklet refine` re-tracked is ranked by its newest version's row (its own flags and review priority),
+    and a new masklet refine created from a correction is in the queue too. Highest review_priority first
+    (nulls last), ties by masklet_id. Only the ranking columns of the run are read; versions cost one stat
+    when there are none."""
+    from pipeline.review.versions import latest_versions
+
     table = run.scan("masklets", columns=QUEUE_COLUMNS)
+    table = table.append_column("version", pa.array(np.zeros(len(table), np.int32)))
+    newest = latest_versions(run.paths.root) if run.paths.versions.exists() else None
+    if newest is not None and newest.num_rows:
+        newest = newest.select([*QUEUE_COLUMNS, "version"]).cast(table.schema)
+        table = table.filter(pc.invert(pc.is_in(table["masklet_id"], value_set=newest["masklet_id"])))
+        table = pa.concat_tables([table, newest])
     order = pc.sort_indices(table, sort_keys=[("review_priority", "descending"), ("masklet_id", "ascending")])
     return table.take(order)
+
+
+def todo_first(queue: pa.Table, latest: dict[str, dict]) -> pa.Table:
+    """The queue with every masklet that has no decision yet before the decided ones, each part in its own
+    order (review priority): what the reviewer has left comes first."""
+    decided = pa.array([m for m, row in latest.items() if row["decision"]], type=pa.string())
+    done = pc.is_in(queue["masklet_id"], value_set=decided).to_numpy(zero_copy_only=False)
+    order = np.argsort(done, kind="stable")
+    return queue.take(pa.array(order, pa.int64()))
+
+
+def next_masklet(ids: list[str], current: str | None, skip: frozenset | set = frozenset()) -> str | None:
+    """The masklet after `current` in the queue order `ids`, the first one not in `skip` (the decided ones,
+    so that "next" after a decision goes on down the to-do list) or, when every later one is in `skip`, the
+    one right after. The first not skipped when `current` is not in `ids`; None at the end."""
+    return _after(ids, current, skip, lambda m: True)
+
+
+def next_item(ids: list[str], current: str | None, skip: frozenset | set = frozenset()) -> str | None:
+    """As next_masklet, the first later masklet that is on another item than `current`'s."""
+    item = current.rsplit("/", 1)[0] if current else None
+    return _after(ids, current, skip, lambda m: m.rsplit("/", 1)[0] != item)
+
+
+def _after(ids: list[str], current: str | None, skip, wanted) -> str | None:
+    later = ids[ids.index(current) + 1:] if current in ids else list(ids)
+    later = [m for m in later if wanted(m)]
+    return next((m for m in later if m not in skip), later[0] if later else None)
 
 
 def latest_decisions(decisions: pa.Table) -> dict[str, dict]:
@@ -34,8 +80,8 @@ def latest_decisions(decisions: pa.Table) -> dict[str, dict]:
 
 def filter_queue(queue: pa.Table, latest: dict[str, dict], flags: list[str] | None = None,
                  decision: str | None = None, item: str | None = None) -> pa.Table:
-    """The queue rows with any of `flags`, whose latest decision is `decision` (TODO: none yet), on items
-    whose id contains `item`; order kept."""
+    """The queue rows with any of `flags`, whose latest decision is `decision` (TODO: none yet;
+    NOT_REJECTED: no reject or duplicate), on items whose id contains `item`; order kept."""
     keep = pa.array(np.ones(len(queue), dtype=bool))
     if flags:
         flat = pc.list_flatten(queue["flags"])
@@ -47,8 +93,11 @@ def filter_queue(queue: pa.Table, latest: dict[str, dict], flags: list[str] | No
         keep = pc.and_(keep, pc.fill_null(pc.match_substring(queue["item_id"], item), False))
     if decision:
         decided = pa.array([m for m, row in latest.items() if row["decision"]], type=pa.string())
+        rejected = pa.array([m for m, row in latest.items() if row["decision"] in REJECTED], type=pa.string())
         if decision == TODO:
             keep = pc.and_(keep, pc.invert(pc.is_in(queue["masklet_id"], value_set=decided)))
+        elif decision == NOT_REJECTED:
+            keep = pc.and_(keep, pc.invert(pc.is_in(queue["masklet_id"], value_set=rejected)))
         else:
             ids = pa.array([m for m, row in latest.items() if row["decision"] == decision], type=pa.string())
             keep = pc.and_(keep, pc.is_in(queue["masklet_id"], value_set=ids))
