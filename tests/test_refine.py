@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 
 from pipeline.review import store, versions
@@ -108,6 +109,55 @@ def test_exports_read_the_newest_version_and_untouched_masklets_stay_bit_identic
     assert d == {f"{item}/1": "rejected"}
     kept = build_item(r, item, ExportFilter(decision="not-rejected"), run_info(r), d)
     assert 1 not in kept.object_ids and 0 in kept.object_ids
+
+
+def test_corrections_on_missed_objects_become_new_masklets(run_copy):
+    """Two corrections with object_id -1: each becomes its own masklet, ids max + 1 and max + 2 in
+    correction order, tracked from its frame forward, version 1 of type manual, read by open_run and exports;
+    a rerun creates nothing more."""
+    from pipeline import open_run
+    from pipeline.export.filters import ExportFilter
+    from pipeline.export.runner import build_item, run_info
+
+    run, item = _clip(run_copy)
+    _, frames, h, w = run.masks(item).shape
+    top = max(run.masklets_for(item)["object_id"].to_pylist())
+    s = ReviewSession(run_copy, "ann")
+    first = s.correct(item, -1, 2, [(w / 3, h / 3)], [1])
+    second = s.correct(item, -1, 1, [(w / 2, h / 2), (3, 3)], [1, 0], candidate=1)
+    assert (item, -1) in pending_masklets(run_copy)
+    assert refine_run(run_copy) == {"masklets": 1, "pending_after": 0}
+    replayer = Replayer(run_copy)
+    rgb = replayer.frames(item, frames)
+    for object_id, cid, frame, fg_bg in ((top + 1, first, 2, (1, 0)), (top + 2, second, 1, (1, 1))):
+        assert versions.published_versions(replayer.paths, item, object_id) == [1]
+        row = versions.version_rows_of(run_copy, item, object_id, [1])[0]
+        assert (row["masklet_type"], row["prompt_source"], row["prompt_frame"]) == ("manual", "manual", frame)
+        assert row["corrections"] == [cid] and row["edited_frame_count"] == 1
+        assert (row["prompt_fg_points"], row["prompt_bg_points"]) == fg_bg
+        m = versions.masklet_mask(run_copy, item, object_id)
+        assert not m[:frame].any()  # tracked forward from the correction's frame only
+        correction = next(c for c in store.corrections(run_copy).to_pylist() if c["correction_id"] == cid)
+        from pipeline.review.refine import _correction
+
+        assert np.array_equal(m[frame], replayer.candidate_mask(rgb[frame], _correction(correction)))
+    got = {r["masklet_id"]: r for r in open_run(run_copy).masklets.to_pylist()}
+    assert {f"{item}/{top + 1}", f"{item}/{top + 2}"} <= set(got)
+    assert got[f"{item}/{top + 1}"]["masklet_type"] == "manual"
+    r = open_run(run_copy)
+    ex = build_item(r, item, ExportFilter(), run_info(r))
+    assert ex.object_ids[-2:] == [top + 1, top + 2]
+    k = ex.object_ids.index(top + 2)
+    assert all(np.array_equal(ex.mask(k, t), versions.masklet_mask(run_copy, item, top + 2)[t]) for t in range(frames))
+    assert set(ex.frames.filter(pc.equal(ex.frames["object_id"], top + 2))["frame"].to_pylist()) == set(range(frames))
+    assert refine_run(run_copy) == {"masklets": 0, "pending_after": 0}
+    # A correction on the new masklet (by its new id) replays its creating correction too: version 2.
+    s.correct(item, top + 1, 3, [(w / 3, h / 2)], [1])
+    assert refine_masklet(run_copy, item, top + 1) == 2
+    row = versions.latest_versions(run_copy).filter(pc.equal(versions.latest_versions(run_copy)["object_id"],
+                                                              top + 1)).to_pylist()[0]
+    assert row["corrections"][0] == first and row["edited_frame_count"] == 2
+    assert not versions.masklet_mask(run_copy, item, top + 1)[:2].any()
 
 
 @pytest.mark.slow

@@ -189,34 +189,30 @@ def _context_for(dest: str, spec_text: str) -> _Context:
 
 
 def build_item(run, item_id: str, filt: ExportFilter, info: RunInfo, decisions: dict | None = None) -> ItemExport:
-    """One item as a format sees it: the filter's masklets, their frame rows, and masks read on demand."""
+    """One item as a format sees it: the filter's masklets, their frame rows, and masks read on demand. A
+    reviewed run's masklets are their newest versions (`masklet refine`), new masklets included, and the
+    filter (flags, frames visible, area share, decision) applies to those rows: what is exported is what is
+    filtered."""
     item = run.item_rows("items", item_id).to_pylist()[0]
-    masklets = select_masklets(filt, run.masklets_for(item_id), decisions)
+    masklets, newest = _item_masklets(run, item_id)
+    masklets = select_masklets(filt, masklets, decisions)
     object_ids = [int(o) for o in masklets["object_id"].to_pylist()]
+    newest = {o: v for o, v in newest.items() if o in object_ids}
     frames = run.frames_for(item_id)
-    frames = frames.filter(pc.is_in(frames["object_id"], value_set=pa.array(object_ids, pa.int32())))
-    frames = frames.sort_by([("object_id", "ascending"), ("frame", "ascending")])
+    frames = frames.filter(pc.is_in(frames["object_id"], value_set=pa.array(
+        [o for o in object_ids if o not in newest], pa.int32())))
     array = run.masks(item_id)
     _, num_frames, height, width = array.shape
     source_frames = [int(s) for s in array.attrs["source_frames"]][:num_frames]
-    planes = list(object_ids)  # object_id is the plane index of the item's mask array
-    # A masklet `masklet refine` re-tracked is exported at its newest version: its row, frame rows and masks.
-    newest = _newest_versions(run, item_id, object_ids)
+    planes = list(object_ids)  # a masklet without versions is the plane object_id of the item's mask array
     readers = {}
-    if newest:
+    if newest:  # a re-tracked or new masklet is exported at its newest version: frame rows and masks
         from pipeline.review.versions import frame_reader, version_frames
 
-        rows = masklets.to_pylist()
-        for r in rows:
-            if r["object_id"] in newest:
-                r.update(newest[r["object_id"]])
-        masklets = pa.Table.from_pylist([{k: r[k] for k in masklets.column_names} for r in rows], masklets.schema)
-        frames = frames.filter(pc.invert(pc.is_in(frames["object_id"], value_set=pa.array(list(newest), pa.int32()))))
-        frames = pa.concat_tables([frames, *(version_frames(run.paths.root, item_id, o, v["version"])
+        frames = pa.concat_tables([frames, *(version_frames(run.paths.root, item_id, o, v).select(frames.column_names)
                                              for o, v in newest.items())])
-        frames = frames.sort_by([("object_id", "ascending"), ("frame", "ascending")])
-        readers = {object_ids.index(o): frame_reader(run.paths.root, item_id, o, v["version"])
-                   for o, v in newest.items()}
+        readers = {object_ids.index(o): frame_reader(run.paths.root, item_id, o, v) for o, v in newest.items()}
+    frames = frames.sort_by([("object_id", "ascending"), ("frame", "ascending")])
 
     def mask(k: int, t: int):
         if k in readers:
@@ -227,19 +223,19 @@ def build_item(run, item_id: str, filt: ExportFilter, info: RunInfo, decisions: 
                       source_frames=source_frames, height=int(height), width=int(width), run=info, mask=mask)
 
 
-def _newest_versions(run, item_id: str, object_ids: list[int]) -> dict[int, dict]:
-    """object_id -> the newest version's masklet row, for the masklets of `object_ids` that have versions
-    (none without an OUT/versions folder: one stat)."""
+def _item_masklets(run, item_id: str) -> tuple[pa.Table, dict[int, int]]:
+    """One item's masklet rows as they are now, in the run's columns (each masklet's newest version in place
+    of the run's row, new masklets added), and object_id -> newest version for those with one (none without
+    an OUT/versions folder: one stat)."""
+    rows = run.masklets_for(item_id)
     if not run.paths.versions.exists():
-        return {}
-    from pipeline.review.versions import latest_version, version_folder
+        return rows, {}
+    from pipeline.review.versions import item_masklets
 
-    out = {}
-    for o in object_ids:
-        v = latest_version(run.paths.root, item_id, o)
-        if v:
-            out[o] = pq.read_table(version_folder(run.paths.root, item_id, o, v) / "masklet.parquet").to_pylist()[0]
-    return out
+    latest = item_masklets(run.paths.root, item_id, rows)
+    newest = {r["object_id"]: r["version"] for r in latest.select(["object_id", "version"]).to_pylist()
+              if r["version"]}
+    return latest.select(rows.column_names).cast(rows.schema), newest
 
 
 # --- one item ------------------------------------------------------------------------------------------------

@@ -66,19 +66,35 @@ class Correction:
 
 
 def pending_masklets(out: str | Path) -> list[tuple[str, int]]:
-    """(item_id, object_id) of every masklet with a pending correction, in order. (New masklets, object_id
-    -1, are not refined yet: see README-refine.md.)"""
+    """(item_id, object_id) of every masklet with a pending correction, in order; (item_id, -1) for an item
+    with pending corrections on missed objects (each becomes a new masklet: Replayer.create_masklets)."""
     pending = store.corrections(out, pending_only=True)
-    keys = sorted({(r["item_id"], int(r["object_id"])) for r in
-                   pending.select(["item_id", "object_id"]).to_pylist() if r["object_id"] >= 0})
+    keys = sorted({(r["item_id"], max(-1, int(r["object_id"]))) for r in
+                   pending.select(["item_id", "object_id"]).to_pylist()})
     return keys
 
 
+def _correction(r: dict) -> Correction:
+    return Correction(r["correction_id"], int(r["frame"]), r["points"] or [], r["point_labels"] or [],
+                      r["box"], int(r["candidate"]), bool(r["lock"]))
+
+
 def _masklet_corrections(out: str | Path, item_id: str, object_id: int) -> list[Correction]:
-    rows = [r for r in store.corrections(out).to_pylist()
-            if r["item_id"] == item_id and r["object_id"] == object_id]
-    return [Correction(r["correction_id"], int(r["frame"]), r["points"] or [], r["point_labels"] or [],
-                       r["box"], int(r["candidate"]), bool(r["lock"])) for r in rows]
+    """Every correction of one masklet, in order: those on its id, and (a new masklet) the correction on a
+    missed object it was created from, which its versions list."""
+    created_from = versions.version_corrections(out, item_id, object_id)
+    rows = [r for r in store.corrections(out).to_pylist() if r["item_id"] == item_id and (
+        r["object_id"] == object_id or (r["object_id"] < 0 and r["correction_id"] in created_from))]
+    return [_correction(r) for r in rows]
+
+
+def _prompt_point(c: Correction) -> tuple[float, float]:
+    """Where a new masklet's prompt is: its first positive click, else its first click, else its box's centre."""
+    pos = [p for p, lab in zip(c.points, c.point_labels) if lab == 1] or list(c.points)
+    if pos:
+        return float(pos[0][0]), float(pos[0][1])
+    x0, y0, x1, y1 = c.box
+    return (x0 + x1) / 2, (y0 + y1) / 2
 
 
 class Replayer:
@@ -130,15 +146,19 @@ class Replayer:
 
     def candidate_mask(self, rgb: np.ndarray, c: Correction) -> np.ndarray:
         """The mask the reviewer picked: SAM 2's multimask candidate `c.candidate` for the prompt on rgb."""
+        return self.candidate(rgb, c)[0]
+
+    def candidate(self, rgb: np.ndarray, c: Correction) -> tuple[np.ndarray, float]:
+        """The candidate's mask and SAM 2's predicted IoU for it."""
         p = self.image_predictor()
         with torch.inference_mode():
             p.set_image(rgb)
-            masks, _, _ = p.predict(
+            masks, ious, _ = p.predict(
                 point_coords=np.asarray(c.points, np.float32) if c.points else None,
                 point_labels=np.asarray(c.point_labels, np.int32) if c.points else None,
                 box=np.asarray(c.box, np.float32) if c.box is not None else None,
                 multimask_output=True)
-        return np.asarray(masks[c.candidate]).astype(bool)
+        return np.asarray(masks[c.candidate]).astype(bool), float(ious[c.candidate])
 
     def _state(self, rgb: list[np.ndarray]) -> dict:
         """sam2's init_state over frames already decoded (it would read a JPEG folder): the same keys, the
@@ -170,17 +190,20 @@ class Replayer:
         array = open_masks(self.paths, item_id)
         num_frames = array.shape[1]
         row = [r for r in self.plan_masklets(item_id) if r["object_id"] == object_id]
-        if not row:
-            raise KeyError(f"item {item_id!r} has no masklet {object_id} in {out}")
+        is_new = not row  # a masklet an earlier refine created: no version 0, its prompt is its first version's
+        if is_new:
+            first = versions.published_versions(self.paths, item_id, object_id)[:1]
+            if not first:
+                raise KeyError(f"item {item_id!r} has no masklet {object_id} in {out}: correct one of its masklets, "
+                               f"or use object id -1 for a missed object")
+            row = versions.version_rows_of(out, item_id, object_id, first)
         prompt_frame = int(row[0]["prompt_frame"])
         base_version = versions.latest_version(out, item_id, object_id)
         base = versions.masklet_mask(out, item_id, object_id, base_version)
         old_locked: list[int] = []
         if base_version:
-            vrow = versions.version_rows(out)
-            for r in vrow.to_pylist():
-                if r["masklet_id"] == f"{item_id}/{object_id}" and r["version"] == base_version:
-                    old_locked = list(r["locked_frames"] or [])
+            old_locked = list(versions.version_rows_of(out, item_id, object_id, [base_version])[0]["locked_frames"]
+                              or [])
 
         if progress:
             progress("decode", 0, num_frames)
@@ -192,10 +215,10 @@ class Replayer:
                                  f"outside 0..{num_frames - 1}")
             by_frame[c.frame] = c
         cond: dict[int, np.ndarray] = {f: self.candidate_mask(rgb[f], c) for f, c in sorted(by_frame.items())}
-        if prompt_frame not in cond:
+        if prompt_frame not in cond and not is_new:
             cond[prompt_frame] = np.asarray(array[object_id, prompt_frame]).astype(bool)
 
-        masks, scores = self._propagate(rgb, cond, object_id, progress)
+        masks, scores = self._propagate(rgb, cond, object_id, progress, backward=not is_new)
         corrected = sorted(by_frame)
         locked = set(old_locked)
         for f, c in by_frame.items():
@@ -222,8 +245,42 @@ class Replayer:
 
         return open_run(self.paths.root).masklets_for(item_id).to_pylist()
 
+    def create_masklets(self, item_id: str, progress: Progress | None = None) -> list[int]:
+        """Turn each pending correction on a missed object of `item_id` (object_id -1) into a new masklet, in
+        correction order: the next free object id of the item (the largest the run or a version has, plus
+        one), SAM 2 tracking the picked candidate from the correction's frame forward (the frames before are
+        empty: a reviewer adds an object where it appears), published as version 1, type manual. A correction
+        always makes its own masklet; later clicks on it go to its new id. Returns the new object ids.
+        Resumable: a killed run published some of them; the rest get the same ids on the rerun."""
+        out = self.paths.root
+        pending = [_correction(r) for r in store.corrections(out, pending_only=True).to_pylist()
+                   if r["item_id"] == item_id and r["object_id"] < 0]
+        if not pending:
+            return []
+        from pipeline.store.masks import open_masks
+
+        num_frames = open_masks(self.paths, item_id).shape[1]
+        rgb = self.frames(item_id, num_frames)
+        created = []
+        for c in pending:
+            if not 0 <= c.frame < num_frames:
+                raise ValueError(f"correction {c.correction_id} (a new masklet on {item_id}) is on frame {c.frame}, "
+                                 f"outside 0..{num_frames - 1}")
+            taken = [r["object_id"] for r in self.plan_masklets(item_id)] + versions.versioned_objects(out, item_id)
+            object_id = max(taken, default=-1) + 1
+            mask, iou = self.candidate(rgb[c.frame], c)
+            masks, scores = self._propagate(rgb, {c.frame: mask}, object_id, progress, backward=False)
+            masks[c.frame] = mask
+            prompt = versions.new_masklet_prompt(object_id, c.frame, _prompt_point(c), iou, int(mask.sum()))
+            fg = sum(1 for v in c.point_labels if v == 1)
+            versions.write_version(out, item_id, object_id, masks, scores, [c.correction_id], [c.frame], (),
+                                   fg, len(c.point_labels) - fg, prompt=prompt)
+            created.append(object_id)
+            log.info("%s: new masklet %d from correction %s", item_id, object_id, c.correction_id)
+        return created
+
     def _propagate(self, rgb: list[np.ndarray], cond: dict[int, np.ndarray], object_id: int,
-                   progress: Progress | None) -> tuple[np.ndarray, np.ndarray]:
+                   progress: Progress | None, backward: bool = True) -> tuple[np.ndarray, np.ndarray]:
         pred = self.model.predictor
         n = len(rgb)
         h, w = rgb[0].shape[:2]
@@ -235,7 +292,7 @@ class Replayer:
                 pred.add_new_mask(state, frame_idx=f, obj_id=object_id, mask=torch.from_numpy(cond[f]))
             start = min(cond)
             done = 0
-            passes = [False] + ([True] if start > 0 else [])
+            passes = [False] + ([True] if start > 0 and backward else [])
             for reverse in passes:
                 for t, _, video_masks in pred.propagate_in_video(state, start_frame_idx=start, reverse=reverse):
                     masks[t] = (video_masks[0, 0] > 0).cpu().numpy()
@@ -254,8 +311,17 @@ def refine_masklet(out: str | Path, item_id: str, object_id: int, progress: Prog
                    replayer: Replayer | None = None) -> int | None:
     """Replay one masklet's corrections now (the app's "propagate now"); returns the new version, or None
     when it has no pending correction. `progress(stage, done, total)` is called as it goes."""
+    if int(object_id) < 0:
+        raise ValueError(f"{item_id}: object id {object_id} is a new masklet; use refine_new_masklets")
     replayer = replayer or Replayer(out)
     return replayer.replay(item_id, int(object_id), progress)
+
+
+def refine_new_masklets(out: str | Path, item_id: str, progress: Progress | None = None,
+                        replayer: Replayer | None = None) -> list[int]:
+    """Create the new masklets of `item_id`'s pending corrections on missed objects now; their object ids."""
+    replayer = replayer or Replayer(out)
+    return replayer.create_masklets(item_id, progress)
 
 
 def refine_masklets(out: str, keys: list[tuple[str, int]] | tuple) -> int:
@@ -267,7 +333,9 @@ def refine_masklets(out: str, keys: list[tuple[str, int]] | tuple) -> int:
     replayer = Replayer(out)
     written = 0
     for n, (item_id, object_id) in enumerate(keys, 1):
-        if replayer.replay(item_id, object_id) is not None:
+        if object_id < 0:
+            written += len(replayer.create_masklets(item_id))
+        elif replayer.replay(item_id, object_id) is not None:
             written += 1
         log.info("refined %d of %d masklets", n, len(keys))
     return written
