@@ -160,6 +160,50 @@ def test_corrections_on_missed_objects_become_new_masklets(run_copy):
     assert not versions.masklet_mask(run_copy, item, top + 1)[:2].any()
 
 
+def _emptied_version(out):
+    """Version 1 of the clip's masklet 0 with every frame empty, written without the model: its signals,
+    flags and review priority differ from the run's row (never visible)."""
+    run, item = _clip(out)
+    _, frames, h, w = run.masks(item).shape
+    versions.write_version(out, item, 0, np.zeros((frames, h, w), bool), np.full(frames, np.nan, np.float32), [], [])
+    run_row = run.masklets_for(item).filter(pc.equal(run.masklets_for(item)["object_id"], 0)).to_pylist()[0]
+    return item, run_row, versions.version_rows_of(out, item, 0, [1])[0]
+
+
+def test_export_filters_apply_to_the_newest_version_rows(run_copy):
+    from pipeline import open_run
+    from pipeline.export.filters import ExportFilter
+    from pipeline.export.runner import build_item, run_info
+
+    item, run_row, new = _emptied_version(run_copy)
+    assert run_row["frames_visible"] > 0 and new["frames_visible"] == 0
+    r = open_run(run_copy)
+
+    def kept(**kw):
+        return 0 in build_item(r, item, ExportFilter(**kw), run_info(r)).object_ids
+
+    assert kept() and not kept(min_frames_visible=1)  # the run's row (visible) would have passed
+    gained = sorted(set(new["flags"]) - set(run_row["flags"] or []))
+    assert gained, "the emptied version should carry a flag the run's row does not"
+    assert kept(flags=(gained[0],)) and not kept(no_flags=(gained[0],))
+    assert kept(min_area_share=0.0) or new["area_share_mean"] is None
+
+
+def test_qa_set_reflags_version_rows_too(run_copy):
+    from pipeline.quality.reflag import reflag_run
+
+    item, run_row, before = _emptied_version(run_copy)
+    was_low = "low_score" in (before["flags"] or [])  # predicted_iou < low_score: flip it either way
+    iou = float(before["predicted_iou"])
+    summary = reflag_run(run_copy, [f"qa.low_score={iou if was_low else iou + 0.01!r}"])
+    after = versions.version_rows_of(run_copy, item, 0, [1])[0]
+    assert summary.versions == 1 and ("low_score" in after["flags"]) != was_low
+    assert after["review_priority"] != before["review_priority"] or after["flags"] != before["flags"]
+    assert {k: after[k] for k in ("version", "corrections", "masklet_type")} == \
+        {k: before[k] for k in ("version", "corrections", "masklet_type")}
+    assert "refined versions" in "\n".join(summary.lines())
+
+
 @pytest.mark.slow
 def test_a_second_round_keeps_locks_and_replays_every_correction(refined, tmp_path):
     out0, item, _, _ = refined

@@ -3,7 +3,9 @@
 The thresholds in force are OUT/qa.json when `masklet qa` wrote one, else the run config's `qa` section. The
 worker flags each item's masklets with them at commit time; `reflag_run` changes them and rewrites only the
 `flags` and `review_priority` columns of every committed masklets.parquet, from the stored signals (no masks,
-no model, no change to the run's fingerprint: `qa` is left out of it, see pipeline/plan.py).
+no model, no change to the run's fingerprint: `qa` is left out of it, see pipeline/plan.py), and of every
+masklet version `masklet refine` published (OUT/versions/.../masklet.parquet carries its own signals, flags
+and review priority: the review queue and exports rank and filter by them).
 
 Each shard is re-flagged under its lease (pipeline/store/lease.py), so no worker commits or compacts it
 meanwhile; a shard a live worker owns is refused before anything is written, naming it. Each file is
@@ -55,12 +57,14 @@ class ReflagSummary:
     qa: QAConfig
     files: int = 0
     masklets: int = 0
+    versions: int = 0  # of those masklets, rows of refined versions (OUT/versions)
     changed: int = 0
     before: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FLAG_NAMES, 0))
     after: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FLAG_NAMES, 0))
 
     def lines(self) -> list[str]:
-        out = [f"re-flagged {self.masklets} masklets in {self.files} files: flags changed on {self.changed}"]
+        out = [f"re-flagged {self.masklets} masklets in {self.files} files ({self.versions} of them refined "
+               f"versions): flags changed on {self.changed}"]
         out += [f"  {name:<11} {self.before[name]:>9} -> {self.after[name]}" for name in FLAG_NAMES]
         return out
 
@@ -117,4 +121,16 @@ def reflag_run(out: str | Path, overrides: list[str]) -> ReflagSummary:
             for path in _masklet_files(paths, shard_id):
                 lease.check(shard_id)
                 _reflag_file(path, qa, summary)
+    _reflag_versions(paths, qa, summary)
     return summary
+
+
+def _reflag_versions(paths: RunPaths, qa: QAConfig, summary: ReflagSummary) -> None:
+    """The refined versions' rows too. No lease: a version is written once, never by a worker; a refine
+    publishing one meanwhile flags it with qa.json, which is written before this runs."""
+    from pipeline.review.versions import version_masklet_files
+
+    for path in version_masklet_files(paths.root):
+        before = summary.masklets
+        _reflag_file(path, qa, summary)
+        summary.versions += summary.masklets - before

@@ -74,10 +74,15 @@ def with_version_zero(masklets: pa.Table) -> pa.Table:
     return masklets
 
 
+def version_masklet_files(out: str | Path) -> list[Path]:
+    """Every published version's masklet.parquet (one VERSION_SCHEMA row each)."""
+    root = RunPaths.of(out).versions
+    return sorted(root.glob("*/*/v*/masklet.parquet")) if root.exists() else []
+
+
 def version_rows(out: str | Path) -> pa.Table:
     """Every published version's masklet row (VERSION_SCHEMA), by item, object and version."""
-    root = RunPaths.of(out).versions
-    files = sorted(root.glob("*/*/v*/masklet.parquet")) if root.exists() else []
+    files = version_masklet_files(out)
     if not files:
         return VERSION_SCHEMA.empty_table()
     table = pa.concat_tables([pq.read_table(f, schema=VERSION_SCHEMA) for f in files])
