@@ -13,6 +13,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,3 +104,63 @@ def artifact_path(name: str, fallback_dir: str | os.PathLike) -> Path:
     the test's own tmp dir."""
     root = os.environ.get("MASKLET_ARTIFACTS")
     return Path(root) / name if root else Path(fallback_dir) / name
+
+
+# --- `masklet review` served for a browser (the e2e test and benchmarks/bench_review_session.py) ---------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def wait_health(port: int, proc: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"masklet review exited {proc.returncode}: {proc.stdout.read().decode()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=2) as r:
+                if r.read().decode().strip() == "ok":
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"masklet review did not answer /_stcore/health on port {port} in {timeout} s")
+
+
+def settle(page, timeout_ms: int = 120_000) -> None:
+    """Wait for the rerun a click started to finish (Streamlit's own e2e tests wait on these attributes)."""
+    page.wait_for_timeout(400)
+    page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=timeout_ms)
+    page.wait_for_selector("[data-testid='stApp'][data-test-connection-state='CONNECTED']", timeout=timeout_ms)
+
+
+def press(page, key: str) -> None:
+    """A keyboard shortcut of the app, with the focus taken off any widget first (a shortcut typed into a
+    text field is text, and a key pressed over the image component goes to its iframe)."""
+    page.evaluate("document.activeElement && document.activeElement.blur && document.activeElement.blur()")
+    page.keyboard.press(key)
+    settle(page)
+
+
+@contextlib.contextmanager
+def review_app(out: str, reviewer: str) -> Iterator[str]:
+    """`masklet review OUT` started as a user starts it (the CLI, headless on localhost); yields its URL."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "review", out, "--port", str(port),
+                             "--reviewer", reviewer], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        wait_health(port, proc)
+        yield f"http://localhost:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

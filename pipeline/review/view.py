@@ -28,14 +28,16 @@ KEYS = {"accept": "A", "reject": "X", "next_masklet": "N", "next_item": "I"}
 def queue_table(run) -> pa.Table:
     """Every masklet's QUEUE_COLUMNS plus `version`, ranked as the reviewer will see it now: a masklet that
     `masklet refine` re-tracked is ranked by its newest version's row (its own flags and review priority),
-    and a new masklet refine created from a correction is in the queue too. Highest review_priority first
-    (nulls last), ties by masklet_id. Only the ranking columns of the run are read; versions cost one stat
+    and a new masklet refine created from a correction is in the queue too (a run opened with
+    versions="original": the run's own rows only). Highest review_priority first (nulls last), ties by
+    masklet_id. Only the ranking columns of the run are read; versions cost one stat
     when there are none."""
     from pipeline.review.versions import latest_versions
 
     table = run.scan("masklets", columns=QUEUE_COLUMNS)
     table = table.append_column("version", pa.array(np.zeros(len(table), np.int32)))
-    newest = latest_versions(run.paths.root) if run.paths.versions.exists() else None
+    reviewed = run.versions != "original" and run.paths.versions.exists()  # open_run(versions=...) decides
+    newest = latest_versions(run.paths.root) if reviewed else None
     if newest is not None and newest.num_rows:
         newest = newest.select([*QUEUE_COLUMNS, "version"]).cast(table.schema)
         table = table.filter(pc.invert(pc.is_in(table["masklet_id"], value_set=newest["masklet_id"])))
