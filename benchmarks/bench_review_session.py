@@ -12,7 +12,10 @@ The session (a fixed script, so two runs of it are comparable):
   N A                next masklet, accept
   N                  next masklet: positive, positive, negative click, use the candidate; A accept
   I                  next item: one positive click, use the candidate; propagate now; X reject
-  I, I               open the next item and leave it without a decision (an abandon), then one more
+  I, I               next item twice (the second has nowhere to go when the current item's masklets are
+                     last in the queue)
+Abandons are item visits that ended without a decision on that item (the first item's, here: corrected and
+propagated, nothing decided); the last visit is still open when the session ends and counts as neither.
 Latency figures are CPU figures with random weights: what the plumbing costs here, not what a GPU
 reviewer would see, and never results about masks.
 """

@@ -30,6 +30,11 @@ tests/test_refine.py (test_add_all_frames_to_correct_as_cond_changes_nothing_her
 with it on and off. We keep sam2's default (off) and `clear_non_cond_mem_around_input` off (see
 /work/shared/notes/sam2-on-this-machine.md).
 
+New masklets: a correction with object_id -1 (a missed object) becomes its own masklet, the item's next
+free object id in correction order, tracked forward only from its frame (Replayer.create_masklets); later
+corrections on its new id replay the creating one too. The lock rule reaches forward only (a lock never
+protects frames before its correction); see README "Reviewing and refining".
+
 Resume: a masklet is done when a published version lists its corrections; `corrections(out,
 pending_only=True)` is what remains, so a killed refine (kill -9, scancel) rerun does only the rest.
 Determinism: the model's thread count is the run's (model.threads) and nothing samples; the same

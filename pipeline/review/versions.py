@@ -12,6 +12,11 @@ clears. Its quality signals are computed as the worker computes them (pipeline/q
 MaskletSignals over every object of the item: the other objects at the run's own masks, so overlap and
 duplicate signals still see them), and its flags come from the thresholds in force (quality/reflag.current_qa).
 
+A new masklet (refine's answer to a correction on a missed object) has no version 0: its object id is past
+the run's array, its first version carries its prompt (prompt_source "manual"). `item_masklets` gives an
+item's rows as readers see them now (newest versions, new masklets included); the queue and exports use it.
+Overlap signals are not recomputed for the item's other masklets when one is refined (README-review.md).
+
 Readers never touch the model: `version_rows(out)` reads every version's row, `latest_versions(out)` the
 newest of each masklet, `masklet_mask(out, item_id, object_id, version)` one version's (frames, H, W) masks.
 With no OUT/versions folder they cost one stat.
