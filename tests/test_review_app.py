@@ -174,6 +174,27 @@ def test_queue_ranks_a_refined_masklet_by_its_newest_version(monkeypatch, fresh_
     assert row["version"] == 1 and row["priority"] == pytest.approx(new_priority)
 
 
+def test_a_new_masklet_propagated_in_the_app_joins_the_queue(monkeypatch, fresh_run):
+    """'correct masklet: new masklet', a click, the candidate, 'propagate now': refine creates the item's next
+    object id as version 1 and the queue lists it."""
+    from pipeline.review import versions
+
+    at = app(monkeypatch, fresh_run, "ann")
+    item_id = at.selectbox(key="masklet_pick").value.rsplit("/", 1)[0]
+    top = max(open_run(fresh_run).masklets_for(item_id)["object_id"].to_pylist())
+    at.selectbox(key="target").set_value(-1).run()
+    at.session_state["click"] = {"x": 320, "y": 200, "width": 640, "height": 480, "unix_time": 7}
+    at.run()
+    button(at, "use_candidate").click().run()
+    assert store.corrections(fresh_run).to_pylist()[-1]["object_id"] == -1
+    button(at, "propagate").click().run()
+    assert not at.exception, [e.message for e in at.exception]
+    assert versions.versioned_objects(fresh_run, item_id) == [top + 1]
+    at.run()
+    shown = at.dataframe[0].value
+    assert list(shown[shown["masklet"] == f"{item_id}/{top + 1}"]["version"]) == [1]
+
+
 def test_open_time_benchmark_quick(capsys):
     """benchmarks/bench_review_open.py --quick: a fabricated 2,000-item run opens well under the target."""
     from benchmarks.bench_review_open import main
