@@ -126,7 +126,7 @@ def test_corrections_on_missed_objects_become_new_masklets(run_copy):
     first = s.correct(item, -1, 2, [(w / 3, h / 3)], [1])
     second = s.correct(item, -1, 1, [(w / 2, h / 2), (3, 3)], [1, 0], candidate=1)
     assert (item, -1) in pending_masklets(run_copy)
-    assert refine_run(run_copy) == {"masklets": 1, "pending_after": 0}
+    assert refine_run(run_copy) == {"masklets": 2, "pending_after": 0}  # two new masklets made
     replayer = Replayer(run_copy)
     rgb = replayer.frames(item, frames)
     for object_id, cid, frame, fg_bg in ((top + 1, first, 2, (1, 0)), (top + 2, second, 1, (1, 1))):

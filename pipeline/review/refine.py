@@ -367,13 +367,18 @@ def _slurm_config(plan, profile: str | None):
 
 def refine_run(out: str | Path, executor: str = "local", profile: str | None = None,
                workers: int | None = None) -> dict:
-    """Refine every masklet with a pending correction; returns {"masklets": n, "pending_after": m}."""
+    """Refine every masklet with a pending correction and create the new ones; returns {"masklets": n (re-tracked
+    and new), "pending_after": m (keys still pending, pending_masklets)}."""
     from pipeline.plan import load_run
 
     out = str(RunPaths.of(out).root)
     keys = pending_masklets(out)
     if not keys:
         return {"masklets": 0, "pending_after": 0}
+    # What the CLI reports: masklets re-tracked plus new masklets to create (one per correction on a missed
+    # object; a key (item, -1) stands for all of an item's).
+    pending = store.corrections(out, pending_only=True).select(["object_id"]).to_pylist()
+    todo = sum(1 for _, o in keys if o >= 0) + sum(1 for r in pending if r["object_id"] < 0)
     if executor == "local":
         refine_masklets(out, keys)
     elif executor == "slurm":
@@ -394,4 +399,4 @@ def refine_run(out: str | Path, executor: str = "local", profile: str | None = N
         slurm.wait(None, [job_id], lost_hint="run the same `masklet refine` command again: it resumes")
     else:
         raise ValueError(f"--executor {executor!r}: use local or slurm")
-    return {"masklets": len(keys), "pending_after": len(pending_masklets(out))}
+    return {"masklets": todo, "pending_after": len(pending_masklets(out))}
