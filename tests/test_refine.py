@@ -132,7 +132,7 @@ def test_corrections_on_missed_objects_become_new_masklets(run_copy):
     for object_id, cid, frame, fg_bg in ((top + 1, first, 2, (1, 0)), (top + 2, second, 1, (1, 1))):
         assert versions.published_versions(replayer.paths, item, object_id) == [1]
         row = versions.version_rows_of(run_copy, item, object_id, [1])[0]
-        assert (row["masklet_type"], row["prompt_source"], row["prompt_frame"]) == ("manual", "manual", frame)
+        assert (row["masklet_type"], row["prompt_source"], row["prompt_frame"]) == ("manual", "correction", frame)
         assert row["corrections"] == [cid] and row["edited_frame_count"] == 1
         assert (row["prompt_fg_points"], row["prompt_bg_points"]) == fg_bg
         m = versions.masklet_mask(run_copy, item, object_id)

@@ -13,7 +13,7 @@ MaskletSignals over every object of the item: the other objects at the run's own
 duplicate signals still see them), and its flags come from the thresholds in force (quality/reflag.current_qa).
 
 A new masklet (refine's answer to a correction on a missed object) has no version 0: its object id is past
-the run's array, its first version carries its prompt (prompt_source "manual"). `item_masklets` gives an
+the run's array, its first version carries its prompt (prompt_source "correction"). `item_masklets` gives an
 item's rows as readers see them now (newest versions, new masklets included); the queue and exports use it.
 Overlap signals are not recomputed for the item's other masklets when one is refined (README-review.md).
 
@@ -139,7 +139,7 @@ def frame_reader(out: str | Path, item_id: str, object_id: int, version: int):
 @dataclass(frozen=True)
 class _Prompt:
     """The fields metadata.masklets_table reads from a prompt, rebuilt from a masklets row (the run's, or a
-    new masklet's first version: prompt_source "manual", its creating correction's frame and first point)."""
+    new masklet's first version: prompt_source "correction", its creating correction's frame and first point)."""
 
     object_id: int
     source: str
@@ -159,8 +159,9 @@ class _Prompt:
 def new_masklet_prompt(object_id: int, frame: int, point: tuple[float, float], predicted_iou: float,
                        area: int) -> dict:
     """The prompt columns of a masklet a reviewer added for a missed object (refine's new masklets):
-    source "manual", SAM 2's predicted IoU of the candidate picked, no stability score (a click has none)."""
-    return {"object_id": int(object_id), "prompt_source": "manual", "prompt_frame": int(frame),
+    source "correction" (the name main's pipeline/records.py gives it), SAM 2's predicted IoU of the candidate
+    picked, no stability score (a click has none)."""
+    return {"object_id": int(object_id), "prompt_source": "correction", "prompt_frame": int(frame),
             "prompt_x": float(point[0]), "prompt_y": float(point[1]), "predicted_iou": float(predicted_iou),
             "stability_score": float("nan"), "prompt_area": int(area)}
 
