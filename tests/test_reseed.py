@@ -262,6 +262,14 @@ def test_duplicate_on_7_is_kept_and_later_frames_do_not_count():
     assert h.watched == ()
 
 
+def test_watch_ends_with_the_window():
+    h = hot()
+    assert run_hotstart(h, {f: OLD for f in range(10, 17)}, range(0, 25)) == [] and h.watched == ()
+    h = hot()  # frames skipped past the window (not in the worker's loop, but a frame there never counts)
+    assert run_hotstart(h, {f: OLD for f in range(10, 17)}, range(0, 17)) == [] and h.watched == (5,)
+    assert h.update(40, [0, 5], np.stack([OLD, OLD])) == [] and h.watched == ()
+
+
 def test_empty_on_8_frames_is_dropped_as_empty():
     empty = np.zeros((H, W), bool)
     dropped = run_hotstart(hot(), {f: empty for f in range(13, 21)}, range(0, 30))
