@@ -19,7 +19,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -32,7 +32,9 @@ from pipeline.quality.signals import MaskletSignals, PromptSignals
 from pipeline.records import FrameMasks, ItemResult, MediaItem
 from pipeline.stages.decode import display_path, open_frames, utf8_text
 from pipeline.stages.models import LoadedModel, load_model
-from pipeline.stages.prompt import make_generator, prompt_and_encode_keyframe
+from pipeline import phase1, reverse
+from pipeline.seeding import FrameTee, Seeder, initial_prompts
+from pipeline.stages.prompt import make_generator
 from pipeline.stages.track import (MediaEnded, TrackerState, TrackOptions, Tracking, TrackStats, spare_core, track,
                                    write_behind)
 from pipeline.store import metadata
@@ -69,6 +71,7 @@ class Models:
         self.cfg = cfg
         self._model: LoadedModel | None = None
         self._generator = None
+        self._sam1 = None
         self.sizing: WorkSizing | None = None
 
     @property
@@ -107,9 +110,25 @@ class Models:
                             compile=p.compile, mask_threshold=p.mask_threshold, offload_state=offload)
 
     @property
+    def sam1(self):
+        """segment-anything's model (phases 1 and 2: `prompt.generator: sam1`), built once on first use."""
+        if self._sam1 is None:
+            from pipeline.stages.sam1 import load_sam1
+
+            self._sam1 = load_sam1(self.cfg.sam1, self.cfg.model)
+            log.info("SAM 1 model %s on %s", self._sam1.label, self._sam1.device)
+        return self._sam1
+
+    @property
     def generator(self):
+        """The automatic mask generator that seeds masklets (prompt.generator): SAM 2's or SAM 1's."""
         if self._generator is None:
-            self._generator = make_generator(self.model, self.cfg.prompt)
+            if self.cfg.prompt.generator == "sam1":
+                from pipeline.stages.sam1 import make_sam1_generator
+
+                self._generator = make_sam1_generator(self.sam1, self.cfg.prompt)
+            else:
+                self._generator = make_generator(self.model, self.cfg.prompt)
         return self._generator
 
 
@@ -145,7 +164,7 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models,
     """Decode, prompt, propagate and write one item (going on from its checkpoint when it has one); returns
     its result and its three tables. Raises on any failure (the caller records it); masks are staged and only
     published on success. `attempt`: the rung of the out-of-memory ladder to track at; what the tracker used
-    is left in it."""
+    is left in it. Phase 1 (`prompt.every_frame`) goes to pipeline/phase1.py instead."""
     cfg = plan.config
     t_start = time.perf_counter()
     if item.error:
@@ -159,20 +178,24 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models,
     height, width = first.shape[:2]
     model = models.model
     options = models.track_options(item.item_id, height, width)  # before the AMG: it grows with the frame too
-    if model.random_weights:
-        _mark_random_weights(plan, model)
+    if model.random_weights or (cfg.prompt.generator == "sam1" and models.sam1.random_weights):
+        _mark_random_weights(plan, model if model.random_weights else models.sam1)
+    if cfg.prompt.every_frame:
+        out = phase1.process(plan, item, models, source, frames, first, t_start)
+        return dataclasses.replace(out[0], stride=_stride(item, cfg)), out[1]
     num_frames = len(source) if cfg.propagate.enabled else 1
     partial = _partial_item(plan, item, num_frames, height, width, worker_numerics(models).key())
     resume = partial.start() if partial else None
     if resume is None:
         t0 = time.perf_counter()
-        prompts, keyframe = prompt_and_encode_keyframe(models.generator, first, cfg.prompt, frame=0)
+        prompts, keyframe = initial_prompts(models, first, cfg)
         seconds_prompt = time.perf_counter() - t0
     else:
         prompts, seconds_prompt, keyframe = resume.prompts, resume.seconds_prompt, None
         log.info("item %s: continuing from its checkpoint at frame %d of %d", item.item_id, resume.next_frame,
                  num_frames)
-    if partial and not (prompts and cfg.propagate.enabled):
+    reseeding = bool(cfg.propagate.enabled and (cfg.prompt.reseed_every or cfg.prompt.reseed_adaptive))
+    if partial and not ((prompts or reseeding) and cfg.propagate.enabled):
         partial.discard()  # nothing is tracked: nothing to checkpoint
         partial = None
     attrs = {
@@ -182,66 +205,144 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models,
         "model": model.label,
         "random_weights": model.random_weights,
     }
-    writer = MaskWriter(plan.paths, item.item_id, len(prompts), num_frames, height, width, cfg.store, attrs,
+    # With re-seeding the array holds up to prompt.max_objects masklets, trimmed to those there were at finish.
+    capacity = cfg.prompt.max_objects if reseeding else len(prompts)
+    writer = MaskWriter(plan.paths, item.item_id, capacity, num_frames, height, width, cfg.store, attrs,
                         stage=partial.masks if partial else None, resume_at=resume.next_frame if resume else 0)
     signals = MaskletSignals([PromptSignals.from_prompt(p) for p in prompts], height, width, keep_rows=False)
     rows = metadata.FrameRows(item.item_id, signals)
     if resume is not None:
         rows.extend(resume.rows)
         signals.restore(resume.signals)
-    seconds_write = 0.0
-    tracked = None
+    job = _ItemJob(plan, item, models, source, frames, first, num_frames, height, width, prompts, writer, rows,
+                   signals, partial, resume, keyframe, seconds_prompt)
     t_prop = time.perf_counter()
+    tracked, seeder, real_frames = _track_and_write(job, options, attempt, reseeding)
+    if partial is not None:
+        partial.discard()  # the masks are published; the rows are committed by the caller, from memory
+    seconds_propagate = time.perf_counter() - t_prop  # wall time; decoding and writing overlap it (threads)
+    if seeder is not None:
+        seconds_prompt += seeder.seconds
+    rows, signals = job.rows, job.signals  # recomputed when re-seeded masklets were tracked backwards
+    frames_table = rows.table()
+    t_sig = time.perf_counter()
+    computed = signals.finish()
+    masklets = metadata.masklets_table(item.item_id, prompts, source.source_frames, frames_table,
+                                       computed.masklets, current_qa(plan.paths, cfg),
+                                       dropped=seeder.dropped if seeder else None)
+    seconds_signals = rows.seconds_signals + time.perf_counter() - t_sig
+    coverage = computed.item.to_pylist()[0]
+    result = ItemResult(
+        item_id=item.item_id, status="done", num_frames=real_frames, num_objects=len(prompts),
+        width=width, height=height, stride=_stride(item, cfg), scale=float(source.scale),
+        seconds_decode=frames.seconds, seconds_prompt=seconds_prompt,
+        seconds_propagate=max(0.0, seconds_propagate), seconds_write=job.seconds_write,
+        seconds_total=time.perf_counter() - t_start, seconds_signals=seconds_signals,
+        coverage_mean=coverage["coverage_mean"], coverage_min=coverage["coverage_min"], object_batch=(tracked.object_batch or None) if tracked else None,
+    )
+    return result, {"masklets": masklets, "frames": frames_table}
+
+
+@dataclass
+class _ItemJob:
+    """One item on its way from decoded frames to staged masks and rows (process_item's parts share it)."""
+
+    plan: RunPlan
+    item: MediaItem
+    models: Models
+    source: object  # pipeline.stages.decode's frame source
+    frames: _Timer
+    first: np.ndarray
+    num_frames: int
+    height: int
+    width: int
+    prompts: list  # grows with re-seeding
+    writer: MaskWriter
+    rows: metadata.FrameRows
+    signals: MaskletSignals
+    partial: PartialItem | None
+    resume: object | None  # pipeline.store.partial.Resume
+    keyframe: object | None
+    seconds_prompt: float
+    seconds_write: float = 0.0
+
+
+def _track_and_write(job: _ItemJob, options: TrackOptions, attempt: "_Attempt | None",
+                     reseeding: bool) -> tuple[TrackStats | None, Seeder | None, int]:
+    """Track the item's prompts (adding re-seeded masklets) and write every frame; publish the masks.
+    Returns the tracker's stats, the seeder (re-seeding on) and the frames really decoded."""
+    cfg, prompts, writer, rows, signals, partial = (job.plan.config, job.prompts, job.writer, job.rows,
+                                                     job.signals, job.partial)
+    tracked = seeder = None
+    by_id = {p.object_id: p for p in prompts}
     try:
-        if prompts and cfg.propagate.enabled:
+        if (prompts or reseeding) and cfg.propagate.enabled:
             if attempt:  # the out-of-memory ladder's rung, over this item's own sizing
                 options = attempt.rung.apply(options)
-            stream = track(model, itertools.chain([first], frames), num_frames, height, width, prompts,
-                           source.source_frames, options,
-                           resume=TrackerState.from_payload(resume.tracker) if resume else None,
-                           keyframe=keyframe)
+            frames: Iterable[np.ndarray] = itertools.chain([job.first], job.frames)
+            if reseeding:
+                tee = FrameTee(frames, keep=options.prefetch + 4)
+                seeder = Seeder(cfg, job.models.generator, tee, prompts)
+                if job.resume is not None:
+                    seeder.restore(job.resume.extra.get("seeder", {}))
+                frames = tee
+            stream = track(job.models.model, frames, job.num_frames, job.height, job.width, prompts,
+                           job.source.source_frames, options,
+                           resume=TrackerState.from_payload(job.resume.tracker) if job.resume else None,
+                           keyframe=job.keyframe, **({"reseed": seeder} if seeder else {}))
             tracked = stream.stats
             if attempt:
                 attempt.tracked, attempt.offloaded = stream.stats, options.offload_state
-            keyframe = None  # tracking holds it until its first frame is done, then drops it
+            job.keyframe = None  # tracking holds it until its first frame is done, then drops it
             checkpointed_rows = len(rows)
 
             def write(x: FrameMasks | _Checkpoint) -> None:  # in a writer thread where a core is free
-                nonlocal seconds_write, checkpointed_rows
+                nonlocal checkpointed_rows
                 t_w = time.perf_counter()
                 if isinstance(x, _Checkpoint):
-                    partial.save(x.next_frame, rows.table(checkpointed_rows), x.state.payload(), prompts,
-                                 seconds_prompt, signals.state())
+                    partial.save(x.next_frame, rows.table(checkpointed_rows), x.state.payload(), x.prompts,
+                                 job.seconds_prompt, signals.state(), extra={"seeder": x.seeder})
                     checkpointed_rows = len(rows)
                 else:
                     writer.write(x)
-                    rows.add(x.frame, x.source_frame, x.object_ids, x.masks, x.object_scores)
-                seconds_write += time.perf_counter() - t_w
+                    live = seeder.live_rows(x) if seeder else x
+                    new = [o for o in live.object_ids if o not in signals.index]
+                    if new:  # re-seeded masklets: the writer's side learns of them from their first frame
+                        by_id.update((p.object_id, p) for p in prompts[len(by_id):])
+                        signals.add_prompts([PromptSignals.from_prompt(by_id[o]) for o in new])
+                    rows.add(live.frame, live.source_frame, live.object_ids, live.masks, live.object_scores)
+                job.seconds_write += time.perf_counter() - t_w
 
             thread = spare_core(stream.device)
+            out = seeder.watch(stream) if seeder else stream
             if partial is not None:
-                stream = _with_checkpoints(stream, writer.per_file, num_frames, cfg.store.checkpoint_seconds)
+                out = _with_checkpoints(out, stream, writer.per_file, job.num_frames,
+                                        cfg.store.checkpoint_seconds, prompts, seeder)
             try:
-                write_behind(stream, write, thread=thread)
+                write_behind(out, write, thread=thread)
             except MediaEnded as e:
                 # Headers can overstate the frame count; keep what was really decoded.
-                log.warning("%s: %s; keeping %d frames", item.item_id, e, writer.frames_buffered)
+                log.warning("%s: %s; keeping %d frames", job.item.item_id, e, writer.frames_buffered)
         elif prompts:
             masks = np.stack([p.mask for p in prompts])
-            fm = FrameMasks(0, source.source_frames[0], tuple(p.object_id for p in prompts), masks,
+            fm = FrameMasks(0, job.source.source_frames[0], tuple(p.object_id for p in prompts), masks,
                             np.full(len(prompts), np.nan, dtype=np.float32))
             writer.write(fm)
             rows.add(0, fm.source_frame, fm.object_ids, masks, fm.object_scores)
         if cfg.propagate.enabled:
-            for _ in frames:  # no-op after a propagation; counts the frames of an item without objects
+            for _ in job.frames:  # no-op after a propagation; counts the frames of an item without objects
                 pass
-            real_frames = writer.frames_buffered if prompts else frames.count
+            real_frames = writer.frames_buffered if tracked is not None else job.frames.count
         else:
             real_frames = 1
-        writer.finish(num_frames=real_frames, attributes={"source_frames": list(source.source_frames[:real_frames])})
+        writer.finish(num_frames=real_frames, num_objects=len(prompts),
+                      attributes={"source_frames": list(job.source.source_frames[:real_frames]),
+                                  "object_ids": [p.object_id for p in prompts]})
+        if seeder is not None and cfg.propagate.reverse and reverse.targets(prompts, seeder.dropped):
+            _reverse_pass(job, options, seeder)
         writer.publish()
     except Exception as e:
-        if partial is not None and faults.classify(e, plan.paths.root).kind == "environment":
+        if partial is not None and faults.classify(e, job.plan.paths.root).kind == "environment":
             # Not the item's fault: keep its checkpoint, so that `masklet resume` goes on from it.
             raise
         # A failed attempt leaves nothing: a retry starts afresh (a bad checkpoint cannot fail it twice; an
@@ -256,25 +357,7 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models,
         if partial is None:
             writer.abort()
         raise
-    if partial is not None:
-        partial.discard()  # the masks are published; the rows are committed by the caller, from memory
-    seconds_propagate = time.perf_counter() - t_prop  # wall time; decoding and writing overlap it (threads)
-    frames_table = rows.table()
-    t_sig = time.perf_counter()
-    computed = signals.finish()
-    masklets = metadata.masklets_table(item.item_id, prompts, source.source_frames, frames_table,
-                                       computed.masklets, current_qa(plan.paths, cfg))
-    seconds_signals = rows.seconds_signals + time.perf_counter() - t_sig
-    coverage = computed.item.to_pylist()[0]
-    result = ItemResult(
-        item_id=item.item_id, status="done", num_frames=real_frames, num_objects=len(prompts),
-        width=width, height=height, stride=_stride(item, cfg), scale=float(source.scale),
-        seconds_decode=frames.seconds, seconds_prompt=seconds_prompt,
-        seconds_propagate=max(0.0, seconds_propagate), seconds_write=seconds_write,
-        seconds_total=time.perf_counter() - t_start, seconds_signals=seconds_signals,
-        coverage_mean=coverage["coverage_mean"], coverage_min=coverage["coverage_min"], object_batch=(tracked.object_batch or None) if tracked else None,
-    )
-    return result, {"masklets": masklets, "frames": frames_table}
+    return tracked, seeder, real_frames
 
 
 def _partial_item(plan: RunPlan, item: MediaItem, num_frames: int, height: int, width: int,
@@ -291,24 +374,50 @@ def _partial_item(plan: RunPlan, item: MediaItem, num_frames: int, height: int, 
     return PartialItem(plan.paths, item.item_id, key)
 
 
+def _reverse_pass(job: _ItemJob, options: TrackOptions, seeder: Seeder) -> None:
+    """Re-seeded masklets tracked backwards into the staged array (pipeline/reverse.py); the item's frame rows
+    and signals are then recomputed from that array."""
+    cfg, item = job.plan.config, job.item
+    source = open_frames(item, stride=_stride(item, cfg), max_frames=cfg.decode.max_frames,
+                         max_side=cfg.decode.max_side)
+    t0 = time.perf_counter()
+    back = reverse.track_backwards(job.models.model, (rgb for _, rgb in source), job.writer.shape[1], job.height,
+                                   job.width, job.prompts, seeder.dropped, job.writer.array,
+                                   cfg.propagate.reverse_frames, options)
+    table = job.rows.table()
+    scores = {(o, f): s for o, f, s in zip(table.column("object_id").to_pylist(), table.column("frame").to_pylist(),
+                                           table.column("object_score").to_pylist()) if s is not None}
+    scores.update(back.scores)
+    job.rows, job.signals = reverse.recompute_rows(item.item_id, job.writer.array, job.prompts,
+                                                   list(job.source.source_frames), back.start, seeder.dropped,
+                                                   scores, job.height, job.width)
+    log.info("item %s: tracked %d re-seeded masklets backwards (%d object-frames added) in %.1f s", item.item_id,
+             len([o for o, f in back.start.items() if f < next(p.frame for p in job.prompts if p.object_id == o)]),
+             back.frames_added, time.perf_counter() - t0)
+
+
 @dataclass(frozen=True)
 class _Checkpoint:
-    """Passed to the writer after the frame before `next_frame`: save this state once that frame is written."""
+    """Passed to the writer after the frame before `next_frame`: save this state once that frame is written.
+    The prompts and the seeder's state are copies taken in the model's thread with the tracker's state."""
 
     next_frame: int
     state: TrackerState
+    prompts: list
+    seeder: dict
 
 
-def _with_checkpoints(stream: Tracking, per_file: int, num_frames: int, every: float) -> Iterator:
+def _with_checkpoints(frames: Iterator[FrameMasks], stream: Tracking, per_file: int, num_frames: int,
+                      every: float, prompts: list, seeder: "Seeder | None") -> Iterator:
     """The stream's frames, with a _Checkpoint after each shard-file boundary once `every` seconds have passed
     since the last one. The snapshot is taken here, in the model's thread, between two frames."""
     last = time.monotonic()
     try:
-        for fm in stream:
+        for fm in frames:
             yield fm
             n = fm.frame + 1
             if n % per_file == 0 and n < num_frames and time.monotonic() - last >= every:
-                yield _Checkpoint(n, stream.snapshot())
+                yield _Checkpoint(n, stream.snapshot(), list(prompts), seeder.state() if seeder else {})
                 last = time.monotonic()
     finally:
         stream.close()
@@ -343,7 +452,7 @@ def _item_row(plan: RunPlan, shard_id: int, item: MediaItem, result: ItemResult,
         "num_objects": result.num_objects, "model": cfg.model.name,
         "image_size": loaded.image_size if loaded else cfg.model.image_size,
         "checkpoint_sha256": loaded.checkpoint_sha256 if loaded else None,
-        "random_weights": loaded.random_weights if loaded else cfg.model.random_weights, "device": str(loaded.device) if loaded else None,
+        "random_weights": _random_weights(cfg, models), "device": str(loaded.device) if loaded else None,
         "device_class": n and n.device_class, "device_name": n and n.device_name, "autocast": n and n.autocast,
         "object_batch": result.object_batch or (n and n.object_batch), "tf32": n and n.tf32, "compile": n and n.compile,
         "torch_version": n and n.torch, "sam2_version": n and n.sam2,
@@ -353,6 +462,16 @@ def _item_row(plan: RunPlan, shard_id: int, item: MediaItem, result: ItemResult,
         "seconds_total": result.seconds_total, "coverage_mean": result.coverage_mean,
         "coverage_min": result.coverage_min, "finished_at": datetime.now(timezone.utc),
     }
+
+
+def _random_weights(cfg: RunConfig, models: Models | None) -> bool:
+    """Whether any model the item's masks came from has random weights (SAM 2, and SAM 1 when it seeds)."""
+    loaded = models._model if models else None
+    random = loaded.random_weights if loaded else cfg.model.random_weights
+    if cfg.prompt.generator == "sam1":
+        sam1 = models._sam1 if models else None
+        random = random or (sam1.random_weights if sam1 else cfg.sam1.random_weights)
+    return bool(random)
 
 
 def _setup_shard_log(plan: RunPlan, shard_id: int) -> logging.Handler:
@@ -436,12 +555,17 @@ def run_shard(run_dir: str, shard_id: int, redo_failed: bool = False,
 
 
 def _load_model(plan: RunPlan, shard_id: int, models: Models) -> None:
-    """Load the model (and size the work to the device); a failure is the shard's environment fault."""
+    """Load the models (and size the work to the device): SAM 2, and SAM 1 when it seeds (phases 1 and 2);
+    a failure is the shard's environment fault."""
+    which = plan.config.model.name
     try:
         models.model
+        if plan.config.prompt.generator == "sam1":
+            which = f"sam1 {plan.config.sam1.name}"
+            models.sam1
     except Exception as e:  # noqa: BLE001 - whatever stops the model from loading stops every item alike
         log.info("the model could not be loaded:\n%s", traceback.format_exc())
-        fault = faults.model_load_fault(e, plan.config.model.name)
+        fault = faults.model_load_fault(e, which)
         raise faults.EnvironmentFault(faults.ShardFault.now(shard_id, fault, None)) from e
 
 
