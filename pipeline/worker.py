@@ -12,16 +12,14 @@ shard with the item uncommitted and its checkpoint kept, for `masklet resume`.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
-import numpy as np
 
 from pipeline import faults, numerics
 from pipeline.config import RunConfig
@@ -29,14 +27,14 @@ from pipeline.device import WorkSizing, detect_device, size_for_device, size_ite
 from pipeline.plan import RunPlan, config_fingerprint, load_run
 from pipeline.quality.reflag import current_qa
 from pipeline.quality.signals import MaskletSignals, PromptSignals
-from pipeline.records import FrameMasks, ItemResult, MediaItem
+from pipeline.records import ItemResult, MediaItem
 from pipeline.stages.decode import display_path, open_frames, utf8_text
 from pipeline.stages.models import LoadedModel, load_model
-from pipeline import phase1, reverse
-from pipeline.seeding import FrameTee, Seeder, initial_prompts
+from pipeline import phase1
+from pipeline.item_tracking import ItemJob, track_and_write
+from pipeline.seeding import initial_prompts
 from pipeline.stages.prompt import make_generator
-from pipeline.stages.track import (MediaEnded, TrackerState, TrackOptions, Tracking, TrackStats, spare_core, track,
-                                   write_behind)
+from pipeline.stages.track import TrackOptions, TrackStats
 from pipeline.store import metadata
 from pipeline.store.commit import (CommitRefused, clear_staging, commit_item, compact_shard, committed_items,
                                    release_staging)
@@ -214,10 +212,10 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models,
     if resume is not None:
         rows.extend(resume.rows)
         signals.restore(resume.signals)
-    job = _ItemJob(plan, item, models, source, frames, first, num_frames, height, width, prompts, writer, rows,
-                   signals, partial, resume, keyframe, seconds_prompt)
+    job = ItemJob(plan, item, models, source, frames, first, num_frames, height, width, prompts, writer, rows,
+                  signals, partial, resume, keyframe, seconds_prompt, stride=_stride(item, cfg))
     t_prop = time.perf_counter()
-    tracked, seeder, real_frames = _track_and_write(job, options, attempt, reseeding)
+    tracked, seeder, real_frames = track_and_write(job, options, attempt, reseeding)
     if partial is not None:
         partial.discard()  # the masks are published; the rows are committed by the caller, from memory
     seconds_propagate = time.perf_counter() - t_prop  # wall time; decoding and writing overlap it (threads)
@@ -243,123 +241,6 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models,
     return result, {"masklets": masklets, "frames": frames_table}
 
 
-@dataclass
-class _ItemJob:
-    """One item on its way from decoded frames to staged masks and rows (process_item's parts share it)."""
-
-    plan: RunPlan
-    item: MediaItem
-    models: Models
-    source: object  # pipeline.stages.decode's frame source
-    frames: _Timer
-    first: np.ndarray
-    num_frames: int
-    height: int
-    width: int
-    prompts: list  # grows with re-seeding
-    writer: MaskWriter
-    rows: metadata.FrameRows
-    signals: MaskletSignals
-    partial: PartialItem | None
-    resume: object | None  # pipeline.store.partial.Resume
-    keyframe: object | None
-    seconds_prompt: float
-    seconds_write: float = 0.0
-
-
-def _track_and_write(job: _ItemJob, options: TrackOptions, attempt: "_Attempt | None",
-                     reseeding: bool) -> tuple[TrackStats | None, Seeder | None, int]:
-    """Track the item's prompts (adding re-seeded masklets) and write every frame; publish the masks.
-    Returns the tracker's stats, the seeder (re-seeding on) and the frames really decoded."""
-    cfg, prompts, writer, rows, signals, partial = (job.plan.config, job.prompts, job.writer, job.rows,
-                                                     job.signals, job.partial)
-    tracked = seeder = None
-    by_id = {p.object_id: p for p in prompts}
-    try:
-        if (prompts or reseeding) and cfg.propagate.enabled:
-            if attempt:  # the out-of-memory ladder's rung, over this item's own sizing
-                options = attempt.rung.apply(options)
-            frames: Iterable[np.ndarray] = itertools.chain([job.first], job.frames)
-            if reseeding:
-                tee = FrameTee(frames, keep=options.prefetch + 4)
-                seeder = Seeder(cfg, job.models.generator, tee, prompts)
-                if job.resume is not None:
-                    seeder.restore(job.resume.extra.get("seeder", {}))
-                frames = tee
-            stream = track(job.models.model, frames, job.num_frames, job.height, job.width, prompts,
-                           job.source.source_frames, options,
-                           resume=TrackerState.from_payload(job.resume.tracker) if job.resume else None,
-                           keyframe=job.keyframe, **({"reseed": seeder} if seeder else {}))
-            tracked = stream.stats
-            if attempt:
-                attempt.tracked, attempt.offloaded = stream.stats, options.offload_state
-            job.keyframe = None  # tracking holds it until its first frame is done, then drops it
-            checkpointed_rows = len(rows)
-
-            def write(x: FrameMasks | _Checkpoint) -> None:  # in a writer thread where a core is free
-                nonlocal checkpointed_rows
-                t_w = time.perf_counter()
-                if isinstance(x, _Checkpoint):
-                    partial.save(x.next_frame, rows.table(checkpointed_rows), x.state.payload(), x.prompts,
-                                 job.seconds_prompt, signals.state(), extra={"seeder": x.seeder})
-                    checkpointed_rows = len(rows)
-                else:
-                    writer.write(x)
-                    live = seeder.live_rows(x) if seeder else x
-                    new = [o for o in live.object_ids if o not in signals.index]
-                    if new:  # re-seeded masklets: the writer's side learns of them from their first frame
-                        by_id.update((p.object_id, p) for p in prompts[len(by_id):])
-                        signals.add_prompts([PromptSignals.from_prompt(by_id[o]) for o in new])
-                    rows.add(live.frame, live.source_frame, live.object_ids, live.masks, live.object_scores)
-                job.seconds_write += time.perf_counter() - t_w
-
-            thread = spare_core(stream.device)
-            out = seeder.watch(stream) if seeder else stream
-            if partial is not None:
-                out = _with_checkpoints(out, stream, writer.per_file, job.num_frames,
-                                        cfg.store.checkpoint_seconds, prompts, seeder)
-            try:
-                write_behind(out, write, thread=thread)
-            except MediaEnded as e:
-                # Headers can overstate the frame count; keep what was really decoded.
-                log.warning("%s: %s; keeping %d frames", job.item.item_id, e, writer.frames_buffered)
-        elif prompts:
-            masks = np.stack([p.mask for p in prompts])
-            fm = FrameMasks(0, job.source.source_frames[0], tuple(p.object_id for p in prompts), masks,
-                            np.full(len(prompts), np.nan, dtype=np.float32))
-            writer.write(fm)
-            rows.add(0, fm.source_frame, fm.object_ids, masks, fm.object_scores)
-        if cfg.propagate.enabled:
-            for _ in job.frames:  # no-op after a propagation; counts the frames of an item without objects
-                pass
-            real_frames = writer.frames_buffered if tracked is not None else job.frames.count
-        else:
-            real_frames = 1
-        writer.finish(num_frames=real_frames, num_objects=len(prompts),
-                      attributes={"source_frames": list(job.source.source_frames[:real_frames]),
-                                  "object_ids": [p.object_id for p in prompts]})
-        if seeder is not None and cfg.propagate.reverse and reverse.targets(prompts, seeder.dropped):
-            _reverse_pass(job, options, seeder)
-        writer.publish()
-    except Exception as e:
-        if partial is not None and faults.classify(e, job.plan.paths.root).kind == "environment":
-            # Not the item's fault: keep its checkpoint, so that `masklet resume` goes on from it.
-            raise
-        # A failed attempt leaves nothing: a retry starts afresh (a bad checkpoint cannot fail it twice; an
-        # out-of-memory rung needs frame 0, see pipeline/faults.py).
-        writer.abort()
-        if partial is not None:
-            partial.discard()
-        raise
-    except BaseException:
-        # Killed or preempted (SystemExit from submitit's checkpoint, KeyboardInterrupt): keep the
-        # checkpoint, so that the next attempt goes on from it.
-        if partial is None:
-            writer.abort()
-        raise
-    return tracked, seeder, real_frames
-
-
 def _partial_item(plan: RunPlan, item: MediaItem, num_frames: int, height: int, width: int,
                   numerics_key: dict) -> PartialItem | None:
     """The item's checkpoint folder, where checkpoints can happen: tracking on, more than one shard file of
@@ -372,55 +253,6 @@ def _partial_item(plan: RunPlan, item: MediaItem, num_frames: int, height: int, 
     key = {"item_id": item.item_id, "num_frames": num_frames, "height": height, "width": width,
            "stride": _stride(item, cfg), "config": config_fingerprint(cfg), "numerics": numerics_key}
     return PartialItem(plan.paths, item.item_id, key)
-
-
-def _reverse_pass(job: _ItemJob, options: TrackOptions, seeder: Seeder) -> None:
-    """Re-seeded masklets tracked backwards into the staged array (pipeline/reverse.py); the item's frame rows
-    and signals are then recomputed from that array."""
-    cfg, item = job.plan.config, job.item
-    source = open_frames(item, stride=_stride(item, cfg), max_frames=cfg.decode.max_frames,
-                         max_side=cfg.decode.max_side)
-    t0 = time.perf_counter()
-    back = reverse.track_backwards(job.models.model, (rgb for _, rgb in source), job.writer.shape[1], job.height,
-                                   job.width, job.prompts, seeder.dropped, job.writer.array,
-                                   cfg.propagate.reverse_frames, options)
-    table = job.rows.table()
-    scores = {(o, f): s for o, f, s in zip(table.column("object_id").to_pylist(), table.column("frame").to_pylist(),
-                                           table.column("object_score").to_pylist()) if s is not None}
-    scores.update(back.scores)
-    job.rows, job.signals = reverse.recompute_rows(item.item_id, job.writer.array, job.prompts,
-                                                   list(job.source.source_frames), back.start, seeder.dropped,
-                                                   scores, job.height, job.width)
-    log.info("item %s: tracked %d re-seeded masklets backwards (%d object-frames added) in %.1f s", item.item_id,
-             len([o for o, f in back.start.items() if f < next(p.frame for p in job.prompts if p.object_id == o)]),
-             back.frames_added, time.perf_counter() - t0)
-
-
-@dataclass(frozen=True)
-class _Checkpoint:
-    """Passed to the writer after the frame before `next_frame`: save this state once that frame is written.
-    The prompts and the seeder's state are copies taken in the model's thread with the tracker's state."""
-
-    next_frame: int
-    state: TrackerState
-    prompts: list
-    seeder: dict
-
-
-def _with_checkpoints(frames: Iterator[FrameMasks], stream: Tracking, per_file: int, num_frames: int,
-                      every: float, prompts: list, seeder: "Seeder | None") -> Iterator:
-    """The stream's frames, with a _Checkpoint after each shard-file boundary once `every` seconds have passed
-    since the last one. The snapshot is taken here, in the model's thread, between two frames."""
-    last = time.monotonic()
-    try:
-        for fm in frames:
-            yield fm
-            n = fm.frame + 1
-            if n % per_file == 0 and n < num_frames and time.monotonic() - last >= every:
-                yield _Checkpoint(n, stream.snapshot(), list(prompts), seeder.state() if seeder else {})
-                last = time.monotonic()
-    finally:
-        stream.close()
 
 
 def _mark_random_weights(plan: RunPlan, model: LoadedModel) -> None:
