@@ -119,7 +119,7 @@ def _track(job: ItemJob, options: TrackOptions, attempt, reseeding: bool) -> tup
     stream = track(job.models.model, frames, job.num_frames, job.height, job.width, job.prompts,
                    job.source.source_frames, options,
                    resume=TrackerState.from_payload(job.resume.tracker) if job.resume else None,
-                   keyframe=job.keyframe, **({"reseed": seeder} if seeder else {}))
+                   keyframe=job.keyframe, reseed=seeder)
     if attempt:
         attempt.tracked, attempt.offloaded = stream.stats, options.offload_state
     job.keyframe = None  # tracking holds it until its first frame is done, then drops it
@@ -171,7 +171,7 @@ def _reverse_pass(job: ItemJob, options: TrackOptions, seeder: Seeder) -> None:
     t0 = time.perf_counter()
     back = reverse.track_backwards(job.models.model, (rgb for _, rgb in source), job.writer.shape[1], job.height,
                                    job.width, job.prompts, seeder.dropped, job.writer.array,
-                                   cfg.propagate.reverse_frames, options)
+                                   cfg.propagate.reverse_frames, options, list(job.source.source_frames))
     table = job.rows.table()
     scores = {(o, f): s for o, f, s in zip(table.column("object_id").to_pylist(), table.column("frame").to_pylist(),
                                            table.column("object_score").to_pylist()) if s is not None}

@@ -4,10 +4,10 @@ An object found by re-seeding on frame t was usually visible for a while before 
 behind another mask, or between two re-seed frames). After the forward pass, each re-seeded masklet that the
 duplicate rule kept is tracked backwards over at most `propagate.reverse_frames` frames before t: the item's
 frames are decoded again, the last ones before each seed frame kept (never more than reverse_frames + 1
-frames in memory), and the tracker runs over them in reverse order (frame t, t-1, ...) with the masklet's
-seed mask as the prompt on the first of them: tracking a reversed sequence forward, which is what sam2's
-`propagate_in_video(reverse=True)` computes from a single conditioning frame (the tracker's README paragraph
-says what holds exactly). Masklets seeded on the same frame go together, batched as usual.
+frames in memory), and pipeline/stages/track.py's `track_backward` runs over them in reverse order (frame t,
+t-1, ...) with the masklet's seed mask as the prompt on the first of them: bit-identical to sam2's
+`propagate_in_video(reverse=True)` from that prompt (tests/test_track_reseed.py says when). Masklets seeded
+on the same frame go together, batched as usual.
 
 The masks land in the staged array on frames where the masklet had none (before its seed frame); then the
 item's frame rows and quality signals are recomputed from the staged array, so they describe the masks that
@@ -48,10 +48,11 @@ def targets(prompts: list[Prompt], dropped: dict[int, Dropped]) -> dict[int, lis
 
 
 def track_backwards(model, frames, num_frames: int, height: int, width: int, prompts: list[Prompt],
-                    dropped: dict[int, Dropped], array, reverse_frames: int, options) -> Backwards:
+                    dropped: dict[int, Dropped], array, reverse_frames: int, options,
+                    source_frames: list[int]) -> Backwards:
     """Track the `targets` backwards over the decoded `frames` (an iterator from frame 0) and write their
     masks into `array` (the item's staged Zarr array, objects in `prompts` order) before their seed frames."""
-    from pipeline.stages.track import track
+    from pipeline.stages.track import track_backward
 
     by_frame = targets(prompts, dropped)
     position = {p.object_id: k for k, p in enumerate(prompts)}
@@ -65,23 +66,19 @@ def track_backwards(model, frames, num_frames: int, height: int, width: int, pro
             break
         window.append(rgb)
         group = by_frame.get(t)
-        if not group:
+        if not group or len(window) < 2:
             continue
-        seq = list(reversed(window))  # frame t, t-1, ..., t - len + 1
-        seeds = [dataclasses.replace(p, frame=0) for p in group]
-        stream = track(model, iter(seq), len(seq), height, width, seeds, list(range(len(seq))), options)
-        back: dict[int, list[np.ndarray]] = {p.object_id: [] for p in group}
-        for fm in stream:
-            if fm.frame == 0:
-                continue  # the seed frame itself: the forward pass wrote it
+        first = t - len(window) + 1
+        back: dict[int, dict[int, np.ndarray]] = {p.object_id: {} for p in group}
+        for fm in track_backward(model, reversed(list(window)), t, height, width, group, source_frames, num_frames,
+                                 options, first_frame=first):
             for k, o in enumerate(fm.object_ids):
-                back[o].append(fm.masks[k])
-                result.scores[(o, t - fm.frame)] = float(fm.object_scores[k])
-        for o, masks in back.items():
-            if not masks:
+                back[o][fm.frame] = fm.masks[k]
+                result.scores[(o, fm.frame)] = float(fm.object_scores[k])
+        for o, by in back.items():
+            if not by:
                 continue
-            stack = np.stack(masks[::-1])  # frames t - len(masks) .. t - 1
-            first = t - len(masks)
+            stack = np.stack([by[f] for f in range(first, t)])
             array[position[o], first:t] = stack
             result.start[o] = first
             result.frames_added += int(np.count_nonzero(stack.any(axis=(1, 2))))
