@@ -17,6 +17,7 @@ from typing import Any, Iterator, Literal
 import yaml
 
 MODEL_NAMES = ("sam2.1_hiera_tiny", "sam2.1_hiera_small", "sam2.1_hiera_base_plus", "sam2.1_hiera_large")
+SAM1_NAMES = ("vit_b", "vit_l", "vit_h")  # segment-anything's model registry names
 
 
 class ConfigError(ValueError):
@@ -110,6 +111,44 @@ class PromptConfig:
     # preprocesses as SAM2ImagePredictor does (torchvision resize; stock AMG masks), and the frame is encoded
     # twice.
     share_features: bool = True
+    # Which automatic mask generator seeds masklets: SAM 2's (phase 3, the default) or SAM 1's
+    # (segment-anything's SamAutomaticMaskGenerator with the `sam1` section's model: phases 1 and 2).
+    generator: Literal["sam2", "sam1"] = "sam2"
+    # Phase 1: run the generator on every decoded frame, no propagation; per-frame masks are linked into
+    # masklets by one-to-one IoU matching of consecutive frames (Hungarian), a pair kept at IoU >= link_iou.
+    every_frame: bool = False
+    link_iou: float = ranged(0.5, 0, 1, open_lo=True)
+    # Re-seeding (objects that appear after the first frame): every `reseed_every` decoded frames (null: off)
+    # and, with `reseed_adaptive`, on any frame whose uncovered share grew by more than that since the last
+    # seed, run the generator on the frame; a candidate becomes a new masklet when at least `reseed_uncovered`
+    # of its area lies outside every current mask and its area is at least `reseed_min_area` pixels and
+    # `reseed_min_area_share` of the frame; candidates are deduplicated among themselves first (mask IoU
+    # above `reseed_nms_iou`: the better-scored one is kept).
+    reseed_every: int | None = ranged(None, 1)
+    reseed_adaptive: float | None = ranged(None, 0, 1, open_lo=True)
+    reseed_uncovered: float = ranged(0.8, 0, 1)
+    reseed_min_area: int = ranged(200, 0)
+    reseed_min_area_share: float = ranged(0.0005, 0, 1)
+    reseed_nms_iou: float = ranged(0.8, 0, 1)
+    # Duplicates (SAM 3's hotstart rule): within a re-seeded masklet's first `hotstart_frames` frames, if on
+    # `hotstart_min` of them its mask is empty or has IoU >= `dup_iou` with an older masklet, it is dropped
+    # (no longer tracked; its row records dropped_reason and merged_into).
+    hotstart_frames: int = ranged(15, 1)
+    hotstart_min: int = ranged(8, 1)
+    dup_iou: float = ranged(0.8, 0, 1, open_lo=True)
+
+
+@dataclass(frozen=True)
+class Sam1Config:
+    """segment-anything (SAM 1) for phases 1 and 2 (`prompt.generator: sam1`). Checkpoints resolve like SAM 2's:
+    `checkpoint`, else `model.cache_dir`/<official file>, else the official download (when
+    `model.allow_download`), sha256-verified; the device and threads are the `model` section's."""
+
+    name: str = "vit_b"  # one of SAM1_NAMES
+    checkpoint: str | None = None
+    random_weights: bool = False  # real architecture, seeded random weights: plumbing tests/demos only
+    seed: int = ranged(0, 0, 2**63 - 1)
+    image_size: int | None = ranged(None, 64, 1024)  # None: SAM's own 1024; smaller (multiple of 16) for tests
 
 
 @dataclass(frozen=True)
@@ -124,6 +163,10 @@ class PropagateConfig:
     # memories and stored masks in host memory (sam2's offload_state_to_cpu); null: when the device sizing
     # says the state would not fit (pipeline/device.py); never changes the masks
     offload_state: bool | None = None
+    # Re-seeded masklets are also tracked backwards from their seed frame, over at most `reverse_frames`
+    # frames before it, so a masklet covers frames where its object was visible before it was found.
+    reverse: bool = False
+    reverse_frames: int = ranged(32, 1)
 
 
 @dataclass(frozen=True)
@@ -220,6 +263,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    sam1: Sam1Config = field(default_factory=Sam1Config)
     propagate: PropagateConfig = field(default_factory=PropagateConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
@@ -237,6 +281,20 @@ class RunConfig:
         if self.model.image_size is not None and self.model.image_size % 32:
             raise ConfigError(f"model.image_size={self.model.image_size} must be a multiple of 32 (64 to 4096), "
                               f"or null for the model's own 1024")
+        if self.sam1.name not in SAM1_NAMES:
+            raise ConfigError(f"sam1.name={self.sam1.name!r} is not a segment-anything model; use one of {SAM1_NAMES}")
+        if self.sam1.image_size is not None and self.sam1.image_size % 16:
+            raise ConfigError(f"sam1.image_size={self.sam1.image_size} must be a multiple of 16 (64 to 1024), "
+                              f"or null for SAM's own 1024")
+        if self.prompt.every_frame and self.propagate.enabled:
+            raise ConfigError("prompt.every_frame=true (phase 1: masks on every frame, linked by IoU) needs "
+                              "propagate.enabled=false; or use configs/phases/phase1.yaml")
+        if (self.prompt.reseed_every or self.prompt.reseed_adaptive) and not self.propagate.enabled:
+            raise ConfigError("prompt.reseed_every / prompt.reseed_adaptive add masklets during tracking and need "
+                              "propagate.enabled=true; set them to null for masks without propagation")
+        if self.prompt.hotstart_min > self.prompt.hotstart_frames:
+            raise ConfigError(f"prompt.hotstart_min={self.prompt.hotstart_min} must not exceed "
+                              f"prompt.hotstart_frames={self.prompt.hotstart_frames}")
         if self.executor not in ("local", "slurm"):
             raise ConfigError(f"executor={self.executor!r}: use 'local' or 'slurm'")
         if self.store.compressor == "blosc-zstd" and self.store.level > 9:

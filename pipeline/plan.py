@@ -84,6 +84,19 @@ def config_fingerprint(cfg: RunConfig) -> str:
         d["model"].pop(volatile, None)
     d["store"].pop("checkpoint_seconds", None)  # when to checkpoint never changes what is written
     d["propagate"].pop("offload_state", None)  # where the state is kept neither
+    # Keys added after runs existed enter the fingerprint only when they change what is written, so a run
+    # planned before them keeps its fingerprint (and resumes): re-seeding off, SAM 2 seeding, no SAM 1.
+    if d["prompt"].get("reseed_every") is None and d["prompt"].get("reseed_adaptive") is None:
+        for key in [k for k in d["prompt"] if k.startswith(("reseed_", "hotstart_")) or k == "dup_iou"]:
+            d["prompt"].pop(key)
+        d["propagate"].pop("reverse", None)
+        d["propagate"].pop("reverse_frames", None)
+    if not d["prompt"].get("every_frame"):
+        d["prompt"].pop("every_frame", None)
+        d["prompt"].pop("link_iou", None)
+    if d["prompt"].get("generator", "sam2") == "sam2":
+        d["prompt"].pop("generator", None)
+        d.pop("sam1", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 

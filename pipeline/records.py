@@ -60,7 +60,21 @@ class Prompt:
     stability_score: float
     area: int
     bbox: tuple[int, int, int, int]  # x, y, w, h (AMG's XYWH convention)
+    # where the masklet came from: amg (SAM 2's generator on the first frame), reseed (SAM 2's generator on a
+    # later frame, pipeline/stages/reseed.py), sam1 (segment-anything's generator: phases 1 and 2),
+    # correction (a reviewer's click on a missed object, pipeline/review/refine.py)
     source: str = "amg"
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A re-seeded masklet removed by the duplicate rule (pipeline/stages/reseed.py's Hotstart): from `frame` on
+    it is no longer tracked (empty masks); its row keeps what happened instead of losing it silently."""
+
+    object_id: int
+    frame: int  # the frame on which the rule decided; its masks before it are kept
+    reason: str  # "duplicate" (IoU >= prompt.dup_iou with an older masklet) or "empty"
+    merged_into: int | None  # the older masklet it duplicated most often (None for "empty")
 
 
 @dataclass(frozen=True)

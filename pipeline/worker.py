@@ -12,7 +12,6 @@ shard with the item uncommitted and its checkpoint kept, for `masklet resume`.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import time
@@ -21,7 +20,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Iterator
 
-import numpy as np
 
 from pipeline import faults, numerics
 from pipeline.config import RunConfig
@@ -29,12 +27,14 @@ from pipeline.device import WorkSizing, detect_device, size_for_device, size_ite
 from pipeline.plan import RunPlan, config_fingerprint, load_run
 from pipeline.quality.reflag import current_qa
 from pipeline.quality.signals import MaskletSignals, PromptSignals
-from pipeline.records import FrameMasks, ItemResult, MediaItem
+from pipeline.records import ItemResult, MediaItem
 from pipeline.stages.decode import display_path, open_frames, utf8_text
 from pipeline.stages.models import LoadedModel, load_model
-from pipeline.stages.prompt import make_generator, prompt_and_encode_keyframe
-from pipeline.stages.track import (MediaEnded, TrackerState, TrackOptions, Tracking, TrackStats, spare_core, track,
-                                   write_behind)
+from pipeline import phase1
+from pipeline.item_tracking import ItemJob, track_and_write
+from pipeline.seeding import initial_prompts
+from pipeline.stages.prompt import make_generator
+from pipeline.stages.track import TrackOptions, TrackStats
 from pipeline.store import metadata
 from pipeline.store.commit import (CommitRefused, clear_staging, commit_item, compact_shard, committed_items,
                                    release_staging)
@@ -69,6 +69,7 @@ class Models:
         self.cfg = cfg
         self._model: LoadedModel | None = None
         self._generator = None
+        self._sam1 = None
         self.sizing: WorkSizing | None = None
 
     @property
@@ -107,9 +108,25 @@ class Models:
                             compile=p.compile, mask_threshold=p.mask_threshold, offload_state=offload)
 
     @property
+    def sam1(self):
+        """segment-anything's model (phases 1 and 2: `prompt.generator: sam1`), built once on first use."""
+        if self._sam1 is None:
+            from pipeline.stages.sam1 import load_sam1
+
+            self._sam1 = load_sam1(self.cfg.sam1, self.cfg.model)
+            log.info("SAM 1 model %s on %s", self._sam1.label, self._sam1.device)
+        return self._sam1
+
+    @property
     def generator(self):
+        """The automatic mask generator that seeds masklets (prompt.generator): SAM 2's or SAM 1's."""
         if self._generator is None:
-            self._generator = make_generator(self.model, self.cfg.prompt)
+            if self.cfg.prompt.generator == "sam1":
+                from pipeline.stages.sam1 import make_sam1_generator
+
+                self._generator = make_sam1_generator(self.sam1, self.cfg.prompt)
+            else:
+                self._generator = make_generator(self.model, self.cfg.prompt)
         return self._generator
 
 
@@ -145,7 +162,7 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models,
     """Decode, prompt, propagate and write one item (going on from its checkpoint when it has one); returns
     its result and its three tables. Raises on any failure (the caller records it); masks are staged and only
     published on success. `attempt`: the rung of the out-of-memory ladder to track at; what the tracker used
-    is left in it."""
+    is left in it. Phase 1 (`prompt.every_frame`) goes to pipeline/phase1.py instead."""
     cfg = plan.config
     t_start = time.perf_counter()
     if item.error:
@@ -159,20 +176,24 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models,
     height, width = first.shape[:2]
     model = models.model
     options = models.track_options(item.item_id, height, width)  # before the AMG: it grows with the frame too
-    if model.random_weights:
-        _mark_random_weights(plan, model)
+    if model.random_weights or (cfg.prompt.generator == "sam1" and models.sam1.random_weights):
+        _mark_random_weights(plan, model if model.random_weights else models.sam1)
+    if cfg.prompt.every_frame:
+        out = phase1.process(plan, item, models, source, frames, first, t_start)
+        return dataclasses.replace(out[0], stride=_stride(item, cfg)), out[1]
     num_frames = len(source) if cfg.propagate.enabled else 1
     partial = _partial_item(plan, item, num_frames, height, width, worker_numerics(models).key())
     resume = partial.start() if partial else None
     if resume is None:
         t0 = time.perf_counter()
-        prompts, keyframe = prompt_and_encode_keyframe(models.generator, first, cfg.prompt, frame=0)
+        prompts, keyframe = initial_prompts(models, first, cfg)
         seconds_prompt = time.perf_counter() - t0
     else:
         prompts, seconds_prompt, keyframe = resume.prompts, resume.seconds_prompt, None
         log.info("item %s: continuing from its checkpoint at frame %d of %d", item.item_id, resume.next_frame,
                  num_frames)
-    if partial and not (prompts and cfg.propagate.enabled):
+    reseeding = bool(cfg.propagate.enabled and (cfg.prompt.reseed_every or cfg.prompt.reseed_adaptive))
+    if partial and not ((prompts or reseeding) and cfg.propagate.enabled):
         partial.discard()  # nothing is tracked: nothing to checkpoint
         partial = None
     attrs = {
@@ -182,95 +203,38 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models,
         "model": model.label,
         "random_weights": model.random_weights,
     }
-    writer = MaskWriter(plan.paths, item.item_id, len(prompts), num_frames, height, width, cfg.store, attrs,
+    # With re-seeding the array holds up to prompt.max_objects masklets, trimmed to those there were at finish.
+    capacity = cfg.prompt.max_objects if reseeding else len(prompts)
+    writer = MaskWriter(plan.paths, item.item_id, capacity, num_frames, height, width, cfg.store, attrs,
                         stage=partial.masks if partial else None, resume_at=resume.next_frame if resume else 0)
     signals = MaskletSignals([PromptSignals.from_prompt(p) for p in prompts], height, width, keep_rows=False)
     rows = metadata.FrameRows(item.item_id, signals)
     if resume is not None:
         rows.extend(resume.rows)
         signals.restore(resume.signals)
-    seconds_write = 0.0
-    tracked = None
+    job = ItemJob(plan, item, models, source, frames, first, num_frames, height, width, prompts, writer, rows,
+                  signals, partial, resume, keyframe, seconds_prompt, stride=_stride(item, cfg))
     t_prop = time.perf_counter()
-    try:
-        if prompts and cfg.propagate.enabled:
-            if attempt:  # the out-of-memory ladder's rung, over this item's own sizing
-                options = attempt.rung.apply(options)
-            stream = track(model, itertools.chain([first], frames), num_frames, height, width, prompts,
-                           source.source_frames, options,
-                           resume=TrackerState.from_payload(resume.tracker) if resume else None,
-                           keyframe=keyframe)
-            tracked = stream.stats
-            if attempt:
-                attempt.tracked, attempt.offloaded = stream.stats, options.offload_state
-            keyframe = None  # tracking holds it until its first frame is done, then drops it
-            checkpointed_rows = len(rows)
-
-            def write(x: FrameMasks | _Checkpoint) -> None:  # in a writer thread where a core is free
-                nonlocal seconds_write, checkpointed_rows
-                t_w = time.perf_counter()
-                if isinstance(x, _Checkpoint):
-                    partial.save(x.next_frame, rows.table(checkpointed_rows), x.state.payload(), prompts,
-                                 seconds_prompt, signals.state())
-                    checkpointed_rows = len(rows)
-                else:
-                    writer.write(x)
-                    rows.add(x.frame, x.source_frame, x.object_ids, x.masks, x.object_scores)
-                seconds_write += time.perf_counter() - t_w
-
-            thread = spare_core(stream.device)
-            if partial is not None:
-                stream = _with_checkpoints(stream, writer.per_file, num_frames, cfg.store.checkpoint_seconds)
-            try:
-                write_behind(stream, write, thread=thread)
-            except MediaEnded as e:
-                # Headers can overstate the frame count; keep what was really decoded.
-                log.warning("%s: %s; keeping %d frames", item.item_id, e, writer.frames_buffered)
-        elif prompts:
-            masks = np.stack([p.mask for p in prompts])
-            fm = FrameMasks(0, source.source_frames[0], tuple(p.object_id for p in prompts), masks,
-                            np.full(len(prompts), np.nan, dtype=np.float32))
-            writer.write(fm)
-            rows.add(0, fm.source_frame, fm.object_ids, masks, fm.object_scores)
-        if cfg.propagate.enabled:
-            for _ in frames:  # no-op after a propagation; counts the frames of an item without objects
-                pass
-            real_frames = writer.frames_buffered if prompts else frames.count
-        else:
-            real_frames = 1
-        writer.finish(num_frames=real_frames, attributes={"source_frames": list(source.source_frames[:real_frames])})
-        writer.publish()
-    except Exception as e:
-        if partial is not None and faults.classify(e, plan.paths.root).kind == "environment":
-            # Not the item's fault: keep its checkpoint, so that `masklet resume` goes on from it.
-            raise
-        # A failed attempt leaves nothing: a retry starts afresh (a bad checkpoint cannot fail it twice; an
-        # out-of-memory rung needs frame 0, see pipeline/faults.py).
-        writer.abort()
-        if partial is not None:
-            partial.discard()
-        raise
-    except BaseException:
-        # Killed or preempted (SystemExit from submitit's checkpoint, KeyboardInterrupt): keep the
-        # checkpoint, so that the next attempt goes on from it.
-        if partial is None:
-            writer.abort()
-        raise
+    tracked, seeder, real_frames = track_and_write(job, options, attempt, reseeding)
     if partial is not None:
         partial.discard()  # the masks are published; the rows are committed by the caller, from memory
     seconds_propagate = time.perf_counter() - t_prop  # wall time; decoding and writing overlap it (threads)
+    if seeder is not None:
+        seconds_prompt += seeder.seconds
+    rows, signals = job.rows, job.signals  # recomputed when re-seeded masklets were tracked backwards
     frames_table = rows.table()
     t_sig = time.perf_counter()
     computed = signals.finish()
     masklets = metadata.masklets_table(item.item_id, prompts, source.source_frames, frames_table,
-                                       computed.masklets, current_qa(plan.paths, cfg))
+                                       computed.masklets, current_qa(plan.paths, cfg),
+                                       dropped=seeder.dropped if seeder else None)
     seconds_signals = rows.seconds_signals + time.perf_counter() - t_sig
     coverage = computed.item.to_pylist()[0]
     result = ItemResult(
         item_id=item.item_id, status="done", num_frames=real_frames, num_objects=len(prompts),
         width=width, height=height, stride=_stride(item, cfg), scale=float(source.scale),
         seconds_decode=frames.seconds, seconds_prompt=seconds_prompt,
-        seconds_propagate=max(0.0, seconds_propagate), seconds_write=seconds_write,
+        seconds_propagate=max(0.0, seconds_propagate), seconds_write=job.seconds_write,
         seconds_total=time.perf_counter() - t_start, seconds_signals=seconds_signals,
         coverage_mean=coverage["coverage_mean"], coverage_min=coverage["coverage_min"], object_batch=(tracked.object_batch or None) if tracked else None,
     )
@@ -289,29 +253,6 @@ def _partial_item(plan: RunPlan, item: MediaItem, num_frames: int, height: int, 
     key = {"item_id": item.item_id, "num_frames": num_frames, "height": height, "width": width,
            "stride": _stride(item, cfg), "config": config_fingerprint(cfg), "numerics": numerics_key}
     return PartialItem(plan.paths, item.item_id, key)
-
-
-@dataclass(frozen=True)
-class _Checkpoint:
-    """Passed to the writer after the frame before `next_frame`: save this state once that frame is written."""
-
-    next_frame: int
-    state: TrackerState
-
-
-def _with_checkpoints(stream: Tracking, per_file: int, num_frames: int, every: float) -> Iterator:
-    """The stream's frames, with a _Checkpoint after each shard-file boundary once `every` seconds have passed
-    since the last one. The snapshot is taken here, in the model's thread, between two frames."""
-    last = time.monotonic()
-    try:
-        for fm in stream:
-            yield fm
-            n = fm.frame + 1
-            if n % per_file == 0 and n < num_frames and time.monotonic() - last >= every:
-                yield _Checkpoint(n, stream.snapshot())
-                last = time.monotonic()
-    finally:
-        stream.close()
 
 
 def _mark_random_weights(plan: RunPlan, model: LoadedModel) -> None:
@@ -343,7 +284,7 @@ def _item_row(plan: RunPlan, shard_id: int, item: MediaItem, result: ItemResult,
         "num_objects": result.num_objects, "model": cfg.model.name,
         "image_size": loaded.image_size if loaded else cfg.model.image_size,
         "checkpoint_sha256": loaded.checkpoint_sha256 if loaded else None,
-        "random_weights": loaded.random_weights if loaded else cfg.model.random_weights, "device": str(loaded.device) if loaded else None,
+        "random_weights": _random_weights(cfg, models), "device": str(loaded.device) if loaded else None,
         "device_class": n and n.device_class, "device_name": n and n.device_name, "autocast": n and n.autocast,
         "object_batch": result.object_batch or (n and n.object_batch), "tf32": n and n.tf32, "compile": n and n.compile,
         "torch_version": n and n.torch, "sam2_version": n and n.sam2,
@@ -353,6 +294,16 @@ def _item_row(plan: RunPlan, shard_id: int, item: MediaItem, result: ItemResult,
         "seconds_total": result.seconds_total, "coverage_mean": result.coverage_mean,
         "coverage_min": result.coverage_min, "finished_at": datetime.now(timezone.utc),
     }
+
+
+def _random_weights(cfg: RunConfig, models: Models | None) -> bool:
+    """Whether any model the item's masks came from has random weights (SAM 2, and SAM 1 when it seeds)."""
+    loaded = models._model if models else None
+    random = loaded.random_weights if loaded else cfg.model.random_weights
+    if cfg.prompt.generator == "sam1":
+        sam1 = models._sam1 if models else None
+        random = random or (sam1.random_weights if sam1 else cfg.sam1.random_weights)
+    return bool(random)
 
 
 def _setup_shard_log(plan: RunPlan, shard_id: int) -> logging.Handler:
@@ -436,12 +387,17 @@ def run_shard(run_dir: str, shard_id: int, redo_failed: bool = False,
 
 
 def _load_model(plan: RunPlan, shard_id: int, models: Models) -> None:
-    """Load the model (and size the work to the device); a failure is the shard's environment fault."""
+    """Load the models (and size the work to the device): SAM 2, and SAM 1 when it seeds (phases 1 and 2);
+    a failure is the shard's environment fault."""
+    which = plan.config.model.name
     try:
         models.model
+        if plan.config.prompt.generator == "sam1":
+            which = f"sam1 {plan.config.sam1.name}"
+            models.sam1
     except Exception as e:  # noqa: BLE001 - whatever stops the model from loading stops every item alike
         log.info("the model could not be loaded:\n%s", traceback.format_exc())
-        fault = faults.model_load_fault(e, plan.config.model.name)
+        fault = faults.model_load_fault(e, which)
         raise faults.EnvironmentFault(faults.ShardFault.now(shard_id, fault, None)) from e
 
 

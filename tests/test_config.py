@@ -96,7 +96,8 @@ def test_every_numeric_key_declares_a_range_and_refuses_values_outside_it(key, f
     for value in edges:
         value = int(value) if is_int else float(value)
         extra = {"store.level": ["store.compressor=zstd"],  # blosc stops at 9 (below)
-                 "qa.tiny_area": ["qa.huge_area=1"], "qa.huge_area": ["qa.tiny_area=0"]}.get(key, [])
+                 "qa.tiny_area": ["qa.huge_area=1"], "qa.huge_area": ["qa.tiny_area=0"],
+                 "prompt.hotstart_frames": ["prompt.hotstart_min=1"]}.get(key, [])
         load_config(None, [f"{key}={value}", *extra])
 
 

@@ -351,3 +351,32 @@ def test_state_restores_to_identical_signals():
     assert resumed.finish().item.equals(whole.finish().item)
     with pytest.raises(ValueError, match="signals state is for 40x56"):
         MaskletSignals(prompts, h, w + 1).restore(loaded)
+
+
+def test_masklets_added_later_equal_masklets_known_from_the_start():
+    """Re-seeding adds masklets mid-item (`add_prompts`); their statistics, and everyone's overlaps, equal an
+    accumulator that knew them from the start and was fed them from the same frame on."""
+    rng = np.random.default_rng(5)
+    h, w, frames, seed = 24, 32, 9, 4
+    a, b, c = (PromptSignals(i, f, 0.9, 0.95, 30) for i, f in ((0, 0), (1, seed), (2, seed)))
+    masks = rng.random((3, frames, h, w)) > 0.6
+    scores = rng.normal(size=(3, frames)).astype(np.float32)
+
+    def feed(acc, t):
+        n = 1 if t < seed else 3
+        acc.add(t, list(range(n)), masks[:n, t], scores[:n, t])
+
+    known = MaskletSignals([a, b, c], h, w)
+    later = MaskletSignals([a], h, w)
+    for t in range(frames):
+        if t == seed:
+            later.add_prompts([b, c])
+        feed(known, t)
+        feed(later, t)
+    assert later.finish().masklets.equals(known.finish().masklets)
+    assert later.finish().frames.equals(known.finish().frames)
+    # and through a checkpoint: state() after the add restores into an accumulator built with all three
+    resumed = MaskletSignals([a, b, c], h, w).restore(later.state())
+    with pytest.raises(ValueError, match="repeat"):
+        later.add_prompts([b])
+    assert resumed.finish().masklets.equals(later.finish().masklets)

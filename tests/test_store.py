@@ -213,3 +213,28 @@ def test_the_writer_holds_at_most_its_budget(paths):
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert peak < 2 * budget + 2 * frame, (budget // frame, peak / frame)
+
+
+def test_a_writer_with_room_for_more_objects_takes_them_as_they_come_and_trims_the_rest(paths):
+    """Re-seeding and phase-1 linking add masklets while an item is written: frames carry a growing number of
+    objects (never fewer), the array keeps the later objects empty on earlier frames, and finish() trims the
+    object axis to the objects there were. Whatever the buffer, the stored bits equal the frames' masks."""
+    rng = np.random.default_rng(3)
+    frames, height, width = 7, 5, 6
+    counts = [1, 1, 2, 2, 2, 4, 4]  # objects on each frame
+    masks = rng.random((4, frames, height, width)) > 0.5
+    for budget in (1, 10**6):  # a frame at a time, and the whole item in the buffer
+        w = MaskWriter(paths, f"grow{budget}", 6, frames, height, width, StoreConfig(frames_per_file=3), {},
+                       buffer_bytes=budget)
+        for t, n in enumerate(counts):
+            w.write(FrameMasks(t, t, tuple(range(n)), masks[:n, t], np.zeros(n, np.float32)))
+        with pytest.raises(ValueError, match="expected"):  # an object never leaves the layout
+            w.write(FrameMasks(frames, frames, (0,), masks[:1, 0], np.zeros(1, np.float32)))
+        w.finish(num_objects=4)
+        w.publish()
+        got = open_masks(paths, f"grow{budget}")[:]
+        expected = masks.copy()
+        for t, n in enumerate(counts):
+            expected[n:, t] = False
+        assert got.shape == (4, frames, height, width)
+        assert np.array_equal(got, expected)

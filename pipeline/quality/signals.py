@@ -197,6 +197,9 @@ def shape_of(mask: np.ndarray, box: Sequence[int] | None = None) -> Shape:
     return Shape(area, perimeter, n_fg - 1, holes, touches)
 
 
+_INF_START = ("share_min", "iou_min", "score_min")  # running minima start at +inf
+
+
 class MaskletSignals:
     """Incremental quality signals of one item's masklets: `add` each frame, then `finish` once.
 
@@ -351,6 +354,27 @@ class MaskletSignals:
         grid = np.ix_(idx, idx)
         self.inter[grid] += inter
         self.union[grid] += union - inter
+
+    def add_prompts(self, prompts: Sequence[PromptSignals]) -> None:
+        """Masklets that join after the first frame (re-seeding, phase-1 linking): fed from their next frame."""
+        new = [p for p in prompts]
+        ids = [p.object_id for p in new]
+        if len(set(ids)) != len(ids) or any(o in self.index for o in ids):
+            raise ValueError(f"object ids {ids} repeat, or repeat those of {list(self.index)}")
+        k = len(new)
+        if not k:
+            return
+        for name in self._STATE:
+            value = getattr(self, name)
+            if value.ndim == 2:
+                setattr(self, name, np.pad(value, ((0, k), (0, k))))
+            else:
+                fill = np.inf if name in _INF_START else 0
+                setattr(self, name, np.concatenate([value, np.full(k, fill, dtype=value.dtype)]))
+        for p in new:
+            self.index[p.object_id] = len(self.prompts)
+            self.prompts.append(p)
+            self.prev.append(None)
 
     # The running statistics, as named arrays (np.savez-able, no pickle): what a checkpoint keeps.
     _STATE = ("tracked", "visible", "tracked_after", "visible_after", "share_sum", "share_min", "share_max",

@@ -117,39 +117,66 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
+@dataclass(frozen=True)
+class CheckpointSource:
+    """Where one checkpoint file comes from, and the config key that names an explicit file (for messages).
+    Shared by SAM 2 (`MODEL_SPECS`) and SAM 1 (pipeline/stages/sam1.py), so both resolve and fail alike."""
+
+    model: str  # the model's name, for messages
+    file: str  # the official file name, also its name in the cache folder
+    url: str
+    checkpoint_key: str = "model.checkpoint"
+    sha256: str | None = None  # the official digest, where one is published: downloads and cached files must match
+
+
 def resolve_checkpoint(cfg: ModelConfig) -> tuple[Path, str]:
+    """SAM 2's checkpoint for `cfg`: see `resolve_file`."""
+    spec = MODEL_SPECS[cfg.name]
+    source = CheckpointSource(cfg.name, spec.checkpoint_file, spec.url)
+    return resolve_file(source, cfg.checkpoint, cfg.cache_dir, cfg.allow_download)
+
+
+def resolve_file(source: CheckpointSource, explicit: str | None, cache_dir: str,
+                 allow_download: bool) -> tuple[Path, str]:
     """Explicit path, else `<cache_dir>/<file>`, else download (when allowed). Returns (path, sha256).
 
     The sha256 of a downloaded file is recorded beside it; a cached file whose sha256 no longer matches
-    its record is refused (a truncated or replaced file), so a corrupt cache never reaches a run.
+    its record is refused (a truncated or replaced file), so a corrupt cache never reaches a run. Where the
+    official digest is known (`source.sha256`), a download or cached file that differs from it is refused
+    too; an explicit path is taken as given (a fine-tuned checkpoint is a legitimate choice).
     """
-    spec = MODEL_SPECS[cfg.name]
+    cached = Path(cache_dir).expanduser() / source.file
     how_to_get = (
         f"download it on a machine with internet access:\n"
-        f"    curl -L -o {spec.checkpoint_file} {spec.url}\n"
-        f"then copy it to {Path(cfg.cache_dir).expanduser() / spec.checkpoint_file} "
-        f"or pass model.checkpoint=/path/to/{spec.checkpoint_file}"
+        f"    curl -L -o {source.file} {source.url}\n"
+        f"then copy it to {cached} "
+        f"or pass {source.checkpoint_key}=/path/to/{source.file}"
     )
-    if cfg.checkpoint:
-        path = Path(cfg.checkpoint).expanduser()
+    if explicit:
+        path = Path(explicit).expanduser()
         if not path.is_file():
-            raise CheckpointError(f"model.checkpoint={cfg.checkpoint} does not exist; {how_to_get}")
+            raise CheckpointError(f"{source.checkpoint_key}={explicit} does not exist; {how_to_get}")
         return path, sha256_of(path)
-    cached = Path(cfg.cache_dir).expanduser() / spec.checkpoint_file
     if not cached.is_file():
-        if not cfg.allow_download:
+        if not allow_download:
             raise CheckpointError(
-                f"checkpoint {spec.checkpoint_file} for model {cfg.name} is not in {cached.parent} and "
+                f"checkpoint {source.file} for model {source.model} is not in {cached.parent} and "
                 f"model.allow_download=false; {how_to_get}"
             )
-        log.info("downloading %s to %s", spec.url, cached)
+        log.info("downloading %s to %s", source.url, cached)
         try:
-            _download(spec.url, cached)
+            _download(source.url, cached)
         except (urllib.error.URLError, OSError, TimeoutError) as e:
             raise CheckpointError(
-                f"could not download {spec.url} ({e}); this machine looks offline. {how_to_get}"
+                f"could not download {source.url} ({e}); this machine looks offline. {how_to_get}"
             ) from e
         digest = sha256_of(cached)
+        if source.sha256 and digest != source.sha256:
+            cached.unlink(missing_ok=True)
+            raise CheckpointError(
+                f"the download of {source.url} has sha256 {digest}, not the official {source.sha256}; it was "
+                f"deleted. Run again, or {how_to_get}"
+            )
         _sidecar(cached).write_text(digest + "\n")
         return cached, digest
     digest = sha256_of(cached)
@@ -158,6 +185,12 @@ def resolve_checkpoint(cfg: ModelConfig) -> tuple[Path, str]:
         raise CheckpointError(
             f"cached checkpoint {cached} does not match its recorded sha256 ({side}); it was truncated or "
             f"replaced. Delete both files and run again, or {how_to_get}"
+        )
+    if source.sha256 and digest != source.sha256:
+        raise CheckpointError(
+            f"cached checkpoint {cached} has sha256 {digest}, not the official {source.sha256} of {source.file}; "
+            f"it is truncated or another file. Delete it and run again, or {how_to_get} "
+            f"(a fine-tuned checkpoint goes in {source.checkpoint_key}, not under the official name)"
         )
     return cached, digest
 

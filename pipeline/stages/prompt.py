@@ -24,7 +24,9 @@ from pipeline.stages.models import LoadedModel, patched_method
 from pipeline.stages.sam2_pin import require_sam2
 
 # Our own keys; every other PromptConfig field is a SAM2AutomaticMaskGenerator argument of the same name.
-_OWN_KEYS = {"min_area", "max_objects", "share_features"}
+_OWN_KEYS = {"min_area", "max_objects", "share_features", "generator", "every_frame", "link_iou", "reseed_every",
+             "reseed_adaptive", "reseed_uncovered", "reseed_min_area", "reseed_min_area_share", "reseed_nms_iou",
+             "hotstart_frames", "hotstart_min", "dup_iou"}
 
 
 def amg_kwargs(cfg: PromptConfig) -> dict:

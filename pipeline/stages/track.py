@@ -33,15 +33,17 @@ masks sam2's SAM2VideoPredictor gives for the same prompts. What differs is how 
   object: it runs once per frame and every object batch reuses it (`_SharedFirstSelfAttention`); sam2 runs it
   once per object. Unbatched, masks stay bit-identical (the same call on the same input).
 
-Threads. The model runs in the caller's thread. Torch's OpenMP runtime (libgomp) gives every thread that runs
-a parallel op its own worker pool and stops spinning between parallel regions once there are more pool threads
-than cores: measured on a 2-core CPU, sam2's per-object propagation ran 1.7x slower in a second thread than
-in the main thread, so the helper threads here do no torch arithmetic (decoding is PIL and numpy). And
-2-thread torch on 2 cores collapses when anything else takes a core (measured: 1.84 -> 0.18 fps at 512
-while another process used one core), so decoding ahead and writing behind (`write_behind`) run in helper
-threads only where a core is free for them (`spare_core`: always beside a GPU); else they run between the
-model's frames, in its thread, which costs the same CPU time without stalling it (measured on a quiet
-2-core CPU: fps within 1% either way).
+- Objects can join and leave during tracking. `track(..., reseed=f)` calls f on every frame with the frame's
+  masks; the prompts it returns (on that frame, new object ids) join from that frame exactly as if they had
+  been given up front: their masks and scores on every frame are those of that run. `Tracking.drop(ids)`
+  stops tracking objects from the next frame on (empty masks, NaN scores, same layout). Snapshots keep both.
+- Tracking backwards (`track_backward`) is this forward engine run on the frames before a seed frame in
+  reverse order: sam2's reverse propagation reads the same memories and pointers at the same distances.
+
+Threads: decoding ahead and writing behind run in helper threads only where a core is free (`spare_core`);
+why, and what was measured, is in pipeline/stages/track_feed.py. The engine's parts: track_options.py (the
+options, stats, saved state and the rules the engine sizes itself by), track_feed.py (frames, threads, the
+`Tracking` iterator), track_batches.py (object batches); this module re-exports their public names.
 
 The per-frame math is sam2's own (`_run_single_frame_inference`, `_run_memory_encoder`,
 `_get_orig_video_res_output` of SAM2VideoPredictor); this module owns only the state around it, built fresh
@@ -50,208 +52,41 @@ per call, never leaving it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import queue
 import threading
-import weakref
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from pipeline.records import FrameMasks, Prompt
-from pipeline.stages.models import LoadedModel, patched_method
+from pipeline.stages.models import LoadedModel
+from pipeline.stages.track_batches import (  # noqa: F401 - re-exported: tests and callers reach them here
+    _NO_OBJECT_LOGIT, _STORED, _Batch, _mask_to_model_input, _place, _SharedFirstSelfAttention, _stack_outputs,
+)
+from pipeline.stages.track_feed import (  # noqa: F401 - re-exported
+    _IMG_MEAN, _IMG_STD, _NORMALIZED, MediaEnded, Tracking, _AliveCounter, _Ended, _Failure, _FrameFeed,
+    _prefetch, _produce, _set_tf32, preprocess_frame_numpy,
+)
+from pipeline.stages.track_options import (  # noqa: F401 - re-exported
+    AUTOCAST_MODES, BYTES_PER_OBJECT_PIXEL, CUDA_MEMORY_SHARE, MAX_CUDA_OBJECT_BATCH, TrackerState, TrackOptions,
+    TrackStats, _map_tensors, compile_model_parts, default_object_batch, free_memory_bytes, memory_window,
+    oldest_memory_frame, oldest_readable_frame, resolve_autocast, resolve_tf32,
+)
 
 if TYPE_CHECKING:
     from pipeline.stages.prompt import KeyframeFeatures
 
-__all__ = ["TrackOptions", "TrackStats", "TrackerState", "Tracking", "track", "write_behind", "default_object_batch",
-           "oldest_readable_frame", "oldest_memory_frame", "memory_window", "preprocess_frame_numpy", "MediaEnded"]
+__all__ = ["TrackOptions", "TrackStats", "TrackerState", "Tracking", "track", "track_backward", "write_behind",
+           "default_object_batch", "oldest_readable_frame", "oldest_memory_frame", "memory_window",
+           "preprocess_frame_numpy", "MediaEnded", "Reseed"]
 
-AUTOCAST_MODES = ("auto", "bf16", "fp16", "off")
-_NO_OBJECT_LOGIT = -1024.0  # sam2's NO_OBJ_SCORE: the mask logit of an object that is not there
-
-# --- the object-batch rule -------------------------------------------------------------------------------
-# Memory per object of one batched tracking step, in bytes per model-input pixel (image_size ** 2). Measured
-# on CPU in float32 with random SAM 2.1 tiny (2026-11-22, torch 2.14.1, sam2 1.1.0): the peak of the tensors
-# one step creates (memory attention, mask decoder, memory encoder and the upsampling of the masks to a 640x480
-# video), at 1, 2 and 4 objects on the 9th frame (memory bank full), slope per object: 133 bytes at image size
-# 256, 131 at 512 (`python benchmarks/bench_propagation.py --measure-object-memory` repeats it). Add the
-# object's retained state, 16 frames of outputs at 0.75 bytes per pixel (12), and about 10% margin: 160.
-# Float32 on CPU bounds a GPU step from above: bf16 halves most activations.
-BYTES_PER_OBJECT_PIXEL = 160
-# Share of the free device memory the object batch may take; the rest is left for the frame's backbone
-# activations, the cached features, the frame's masks at video resolution and the allocator's slack.
-CUDA_MEMORY_SHARE = 0.5
-# Cap: past a few dozen objects a GPU step is compute-bound already and a bigger batch adds only memory.
-# Not measured (there was no GPU where this was written): a conservative guess, to be replaced by a measurement.
-MAX_CUDA_OBJECT_BATCH = 64
-
-
-def default_object_batch(device: torch.device | str, free_memory_bytes: int, image_size: int) -> int:
-    """Objects per batched step, per device (the rule `TrackOptions.object_batch=None` uses).
-
-    - CPU (anything that is not CUDA): 1. Measured on a 2-core CPU with random SAM 2.1 tiny at 512: sam2's
-      per-object predictor ran 0.44 fps at 8 objects and 0.12 at 32, its batched predictor 0.39 and 0.09.
-      CPU work is bound by arithmetic, so batching buys nothing, and per-object keeps masks bit-identical to
-      sam2's predictor.
-    - CUDA: as many objects as fit in CUDA_MEMORY_SHARE of the free memory at BYTES_PER_OBJECT_PIXEL *
-      image_size**2 bytes each; at least 1, at most MAX_CUDA_OBJECT_BATCH. One object leaves most of a GPU
-      idle, so batching is the main lever there, and memory is what bounds it.
-      E.g. image size 1024 with 20 GiB free: 20 GiB * 0.5 / (160 * 1024**2) = 64.
-    """
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        return 1
-    if image_size <= 0:
-        raise ValueError(f"image_size must be positive, got {image_size}")
-    per_object = BYTES_PER_OBJECT_PIXEL * image_size * image_size
-    fit = int(max(0, free_memory_bytes) * CUDA_MEMORY_SHARE // per_object)
-    return max(1, min(MAX_CUDA_OBJECT_BATCH, fit))
-
-
-@dataclass(frozen=True)
-class TrackOptions:
-    """How the engine runs; the defaults are right for the device the model is on."""
-
-    object_batch: int | None = None  # objects per batched step; None: default_object_batch (1 on CPU)
-    prefetch: int = 2  # frames decoded and preprocessed ahead of the model
-    autocast: str = "auto"  # auto (bf16 on CUDA GPUs that support it, else off) | bf16 | fp16 | off
-    tf32: bool = True  # TF32 matmuls and convolutions on CUDA GPUs that have them (compute capability >= 8)
-    compile: bool = False  # torch.compile the model's parts as sam2's vos_optimized predictor does
-    mask_threshold: float = 0.0  # logits above this are foreground in the yielded masks
-    # decode and preprocess in a helper thread; None: when the model leaves a CPU core free (`spare_core`)
-    decode_thread: bool | None = None
-    # keep the memories (maskmem_features) and stored masks in host memory, copied to the device when a frame
-    # reads them, as sam2's offload_state_to_cpu does; for many objects on a small GPU or MIG slice
-    offload_state: bool = False
-
-    def __post_init__(self) -> None:
-        if self.object_batch is not None and self.object_batch < 1:
-            raise ValueError(f"object_batch={self.object_batch} must be >= 1, or None to choose per device")
-        if self.prefetch < 1:
-            raise ValueError(f"prefetch={self.prefetch} must be >= 1")
-        if self.autocast not in AUTOCAST_MODES:
-            raise ValueError(f"autocast={self.autocast!r}: use one of {AUTOCAST_MODES}")
-
-
-@dataclass
-class TrackStats:
-    """What a run did, updated while it runs (the `stats` of the iterator `track` returns)."""
-
-    frames: int = 0  # frames yielded
-    objects: int = 0
-    object_batch: int = 0  # objects per batched step used
-    batches: int = 0  # object batches per frame
-    autocast: str = "off"  # resolved: bf16 | fp16 | off
-    tf32: bool = False  # whether TF32 was on for the run
-    compiled: bool = False
-    memory_window: int = 0  # most non-conditioning outputs per object the next frame can read
-    max_non_cond_retained: int = 0  # most non-conditioning outputs held by any object batch between frames
-    frames_pulled: int = 0  # frames taken from the caller's iterator
-    max_frames_alive: int = 0  # most preprocessed frames in memory at once (queue, model, sam2's feature cache)
-    max_frames_ahead: int = 0  # most frames pulled beyond those yielded
-    decode_thread: bool = False  # whether frames were decoded in a helper thread
-    storage_device: str = ""  # where memories and stored masks were kept (cpu when offloaded)
-    # runs of memory attention's first self-attention, once per tracked frame when shared across objects
-    # (`_SharedFirstSelfAttention`); 0 when not shared (torch.compile), where sam2 runs it once per object
-    self_attention_runs: int = 0
-    keyframe_reused: bool = False  # the prompt stage's encoding of the first prompt frame was reused
-    upsample_batch: int = 0  # objects upsampled to video resolution together (the object batch)
-
-
-@dataclass
-class TrackerState:
-    """Everything the engine needs to go on at `next_frame` as if it had never stopped: the object batches
-    with their conditioning and still-readable outputs, sam2's cached constants and the object order. Made by
-    `Tracking.snapshot()` between frames; `track(..., resume=state)` continues from it. `payload()` is plain
-    dicts, lists, ints and CPU tensors, so torch.save / torch.load(weights_only=True) round-trip it exactly."""
-
-    next_frame: int
-    object_ids: list[int]
-    batches: list[dict]  # {"objects": [positions], "first_frame": int, "output_dict": sam2's output dict}
-    constants: dict
-    order: torch.Tensor | None
-
-    def payload(self) -> dict:
-        return {"next_frame": self.next_frame, "object_ids": list(self.object_ids), "batches": self.batches,
-                "constants": self.constants, "order": self.order}
-
-    @classmethod
-    def from_payload(cls, payload: dict) -> "TrackerState":
-        return cls(int(payload["next_frame"]), [int(o) for o in payload["object_ids"]], payload["batches"],
-                   payload["constants"], payload["order"])
-
-
-def _map_tensors(obj, fn):
-    """A copy of nested dicts/lists/tuples with `fn` applied to every tensor (containers are new, so later
-    changes to the engine's dicts do not reach the copy)."""
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_tensors(v, fn) for v in obj)
-    return obj
-
-
-def oldest_memory_frame(model, frame: int) -> int:
-    """The oldest earlier frame whose spatial memory (maskmem_features) tracking `frame` can read: frame - 1
-    and every r-th frame before it for t_rel = 2 .. num_maskmem - 1 (sam2's
-    SAM2Base._prepare_memory_conditioned_features); `frame` itself when it reads none. Non-decreasing in
-    `frame`. tests/test_sam2_internals.py checks it against sam2's own method."""
-    if model.num_maskmem <= 1:
-        # 0: no memory (sam2 skips the fusion altogether); 1: the one slot is the prompt frames' (t_pos 0), and
-        # sam2's loop over earlier frames, t_pos = 1 .. num_maskmem - 1, is empty
-        return frame
-    oldest = frame - 1
-    if model.num_maskmem >= 3:
-        r = model.memory_temporal_stride_for_eval
-        oldest = min(oldest, ((frame - 2) // r) * r - (model.num_maskmem - 3) * r)
-    return oldest
-
-
-def oldest_readable_frame(model, frame: int, num_frames: int) -> int:
-    """The oldest earlier frame whose non-conditioning output tracking `frame` (forward in time) can read.
-
-    Spatial memories as `oldest_memory_frame`; object pointers from the last min(num_frames,
-    max_obj_ptrs_in_encoder) - 1 frames. Conditioning outputs are read from their own dict and are never
-    pruned. Non-decreasing in `frame`: what frame t+1 cannot read, no later frame can.
-    """
-    if model.num_maskmem == 0:
-        return frame
-    oldest = oldest_memory_frame(model, frame)
-    if model.use_obj_ptrs_in_encoder:
-        max_ptrs = min(num_frames, model.max_obj_ptrs_in_encoder)
-        if max_ptrs > 1:
-            oldest = min(oldest, frame - (max_ptrs - 1))
-    return oldest
-
-
-def memory_window(model, num_frames: int) -> int:
-    """Most non-conditioning outputs per object the engine holds between frames (what the next can read)."""
-    r = max(1, model.memory_temporal_stride_for_eval)
-    base = 4 * r * max(3, model.num_maskmem) + model.max_obj_ptrs_in_encoder  # clear of the video's start
-    return max(f - oldest_readable_frame(model, f, num_frames) for f in range(base, base + r))
-
-
-def resolve_autocast(mode: str, device: torch.device) -> str:
-    """'bf16' | 'fp16' | 'off' for this device ('auto': bf16 on CUDA GPUs that support it, else off)."""
-    if mode not in AUTOCAST_MODES:
-        raise ValueError(f"autocast={mode!r}: use one of {AUTOCAST_MODES}")
-    if mode == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
-    if mode == "fp16" and device.type != "cuda":
-        raise ValueError(f"autocast='fp16' needs a CUDA device, the model is on {device}; use 'bf16' or 'off'")
-    return mode
-
-
-def resolve_tf32(requested: bool, device: torch.device) -> bool:
-    """Whether TF32 is on for a run with `propagate.tf32=requested`: on CUDA devices of compute capability >= 8."""
-    return bool(requested and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8)
+# Called on every frame with the masks of the objects tracked so far; returns prompts on that frame for new
+# objects (an empty list most of the time).
+Reseed = Callable[[FrameMasks], "list[Prompt]"]
 
 
 def spare_core(device: torch.device) -> bool:
@@ -271,304 +106,44 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def free_memory_bytes(device: torch.device) -> int:
-    """Free memory of the device the model runs on (available host memory for CPU)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError):
-        return 0
-
-
-def compile_model_parts(predictor) -> None:
-    """torch.compile the parts sam2's SAM2VideoPredictorVOS compiles, once per model. Like VOS, it changes
-    the model for every later user (the automatic mask generator shares it). CUDA graphs are left out: with
-    them sam2 has to clone every output of the compiled parts; without them no clone is needed."""
-    if getattr(predictor, "_masklet_compiled", False):
-        return
-    mode = "max-autotune-no-cudagraphs" if predictor.device.type == "cuda" else "default"
-    predictor.memory_encoder.forward = torch.compile(
-        predictor.memory_encoder.forward, mode=mode, fullgraph=True, dynamic=False)
-    predictor.memory_attention.forward = torch.compile(  # the number of memories grows over the first frames
-        predictor.memory_attention.forward, mode=mode, fullgraph=True, dynamic=True)
-    predictor.sam_prompt_encoder.forward = torch.compile(
-        predictor.sam_prompt_encoder.forward, mode=mode, fullgraph=True, dynamic=False)
-    predictor.sam_mask_decoder.forward = torch.compile(
-        predictor.sam_mask_decoder.forward, mode=mode, fullgraph=True, dynamic=False)
-    predictor._masklet_compiled = True
-
-
-# --- frames: decoded and preprocessed ahead, in a thread that does no torch arithmetic ----------------------
-
-_IMG_MEAN = np.asarray((0.485, 0.456, 0.406), dtype=np.float32)[:, None, None]
-_IMG_STD = np.asarray((0.229, 0.224, 0.225), dtype=np.float32)[:, None, None]
-
-
-# sam2's loader maps each uint8 value v of channel c to float32(v / 255.0 in float64), then subtracts the mean
-# and divides by the std in float32. Every step is correctly rounded elementwise IEEE arithmetic that depends
-# on (c, v) alone, so a table of the 3 x 256 results gives the same bits with one gather per pixel.
-_NORMALIZED = ((np.arange(256) / 255.0).astype(np.float32)[None, :] - _IMG_MEAN[:, 0]) / _IMG_STD[:, 0]
-
-
-def preprocess_frame_numpy(rgb: np.ndarray, image_size: int, pin_memory: bool = False) -> torch.Tensor:
-    """sam2's JPEG-folder loader bit for bit (the same PIL resize, float64 /255, float32 mean/std; the last
-    three as a table, `_NORMALIZED`), computed with numpy so that the prefetch thread starts no OpenMP pool of
-    torch's (see the module's docstring). With `pin_memory` the result is written straight into page-locked
-    memory for an asynchronous GPU copy."""
-    resized = np.asarray(Image.fromarray(rgb).resize((image_size, image_size)))
-    image = torch.empty((3, image_size, image_size), dtype=torch.float32, pin_memory=pin_memory)
-    out = image.numpy()
-    for c in range(3):
-        np.take(_NORMALIZED[c], resized[..., c], out=out[c], mode="clip")  # uint8 indices: clip never clips
-    return image
-
-
-class MediaEnded(IndexError):
-    """The media yielded fewer frames than probed (headers can overstate frame counts)."""
-
-
-class _Ended:
-    """The caller's iterator ran out after `count` frames."""
-
-    def __init__(self, count: int):
-        self.count = count
-
-
-class _Failure:
-    """An exception raised in a helper thread, carried to the thread that reports it."""
-
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
-def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=0.05)
-            return True
-        except queue.Full:
-            continue
-    return False
-
-
-class _AliveCounter:
-    """Counts preprocessed frames whose memory is still held anywhere (the queue, the model, sam2's feature
-    cache): a finalizer on the tensor's storage fires only when the last view of it is gone."""
-
-    def __init__(self, stats: TrackStats):
-        self._lock = threading.Lock()
-        self._alive = 0
-        self._stats = stats
-
-    def track(self, tensor: torch.Tensor) -> None:
-        with self._lock:
-            self._alive += 1
-            self._stats.max_frames_alive = max(self._stats.max_frames_alive, self._alive)
-        weakref.finalize(tensor.untyped_storage(), self._release)
-
-    def _release(self) -> None:
-        with self._lock:
-            self._alive -= 1
-
-
-def _produce(frames: Iterable[np.ndarray], start: int, num_frames: int, image_size: int, pin: bool,
-             stats: TrackStats, alive: _AliveCounter) -> Iterator:
-    """(t, preprocessed frame) for t = start..num_frames-1, pulling frames 0..num_frames-1 from the caller's
-    iterator (never more); ends with _Ended(t) if the iterator runs out first."""
-    it = iter(frames)
-    for t in range(num_frames):
-        try:
-            rgb = next(it)
-        except StopIteration:
-            yield _Ended(t)
-            return
-        stats.frames_pulled = t + 1
-        stats.max_frames_ahead = max(stats.max_frames_ahead, t + 1 - stats.frames)
-        if t < start:
-            continue  # before the first prompt: never tracked, so never preprocessed
-        image = preprocess_frame_numpy(rgb, image_size, pin_memory=pin)
-        del rgb
-        alive.track(image)
-        yield t, image
-        del image
-
-
-def _prefetch(produce: Iterator, out: queue.Queue, stop: threading.Event) -> None:
-    """Run the producer in the helper thread, at most the queue's size ahead of the model."""
-    try:
-        for item in produce:
-            if not _put(out, item, stop):
-                return
-    except BaseException as e:  # noqa: BLE001 - carried to the caller's thread and raised there
-        _put(out, _Failure(e), stop)
-
-
-class _FrameFeed:
-    """sam2's `images[t]`: frames taken in order from the prefetch queue (or, without a decode thread, from
-    the producer directly); `release_before` drops old ones."""
-
-    def __init__(self, source: queue.Queue | Iterator, num_frames: int, device: torch.device):
-        self._next_item = source.get if isinstance(source, queue.Queue) else source.__next__
-        self._n = num_frames
-        self._device = device
-        self._held: dict[int, torch.Tensor] = {}
-        self._next = 0  # every frame before this one was received (and maybe released)
-        self._ended: _Ended | None = None
-
-    def __len__(self) -> int:
-        return self._n
-
-    def __getitem__(self, t: int) -> torch.Tensor:
-        while t not in self._held:
-            if t < self._next:
-                raise IndexError(f"frame {t} was already released (frames are streamed in order)")
-            if self._ended is not None:
-                raise MediaEnded(f"the media ended at frame {self._ended.count}, expected {self._n} frames")
-            item = self._next_item()
-            if isinstance(item, _Failure):
-                raise item.error
-            if isinstance(item, _Ended):
-                self._ended = item
-                continue
-            index, image = item
-            self._held[index] = image
-            self._next = index + 1
-        image = self._held[t]
-        if image.device != self._device:
-            return image.to(self._device, non_blocking=True)  # from pinned memory: asynchronous
-        return image
-
-    def release_before(self, t: int) -> None:
-        for index in [i for i in self._held if i < t]:
-            del self._held[index]
-
-
-# --- the engine --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Batch:
-    """Objects tracked together: their positions in object order, and their stacked sam2 output dict."""
-
-    objects: list[int]
-    first_frame: int  # the batch's first prompt frame: before it its objects are not tracked yet
-    output_dict: dict = field(default_factory=lambda: {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}})
-
-
-def _stack_outputs(outs: list[dict], constants: dict) -> dict:
-    """Per-object sam2 outputs of one frame -> one output of the batch (objects along sam2's batch dim)."""
-    if len(outs) == 1:
-        return outs[0]
-    b = len(outs)
-    return {
-        "maskmem_features": torch.cat([o["maskmem_features"] for o in outs]),
-        # the same for every frame and object: sam2 keeps one copy and expands it to the batch
-        "maskmem_pos_enc": [x.expand(b, -1, -1, -1) for x in constants["maskmem_pos_enc"]],
-        "pred_masks": torch.cat([o["pred_masks"] for o in outs]),
-        "obj_ptr": torch.cat([o["obj_ptr"] for o in outs]),
-        "object_score_logits": torch.cat([o["object_score_logits"] for o in outs]),
-    }
-
-
-def _mask_to_model_input(mask: np.ndarray, image_size: int, device: torch.device) -> torch.Tensor:
-    """A prompt mask as SAM2VideoPredictor.add_new_mask turns it into model input (same ops, same order)."""
-    m = torch.as_tensor(np.asarray(mask, dtype=bool))
-    if m.dim() != 2:
-        raise ValueError(f"a prompt mask must be 2-D (H, W), got shape {tuple(m.shape)}")
-    mask_inputs = m[None, None].float().to(device)
-    if m.shape[0] != image_size or m.shape[1] != image_size:
-        mask_inputs = F.interpolate(mask_inputs, size=(image_size, image_size), align_corners=False,
-                                    mode="bilinear", antialias=True)
-        mask_inputs = (mask_inputs >= 0.5).float()
-    return mask_inputs
-
-
-# the parts of a frame's output that sam2 keeps on inference_state["storage_device"]
-_STORED = ("maskmem_features", "pred_masks")
-
-
-class _SharedFirstSelfAttention:
-    """Per frame (`frame()`): the first memory-attention layer's self-attention (`_forward_sa`, over the frame's
-    own features plus their position encoding, before any object's memory is read) computed once, on one row,
-    and reused by every object batch of the frame. sam2 computes it per object on the same input, so the
-    reused result is the one each object's own call would give (bit for bit at one object per batch).
-
-    Installed on the layer instance for the frame's compute only (`patched_method`); not used when the
-    memory attention is torch.compiled (`usable`), where the patch would break the compiled graph."""
-
-    def __init__(self, predictor, stats: "TrackStats"):
-        self.layer = predictor.memory_attention.layers[0]
-        self.stats = stats  # counts the runs in stats.self_attention_runs
-
-    @staticmethod
-    def usable(predictor) -> bool:
-        attention = getattr(predictor, "memory_attention", None)
-        layers = getattr(attention, "layers", None)
-        return (layers is not None and len(layers) > 0 and getattr(attention, "batch_first", False)
-                and hasattr(layers[0], "_forward_sa")
-                and "forward" not in vars(attention))  # torch.compile (compile_model_parts) replaces it there
-
-    @contextlib.contextmanager
-    def frame(self) -> Iterator[None]:
-        result: torch.Tensor | None = None
-
-        def sharing(own: Callable) -> Callable:
-            def shared(tgt: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
-                # batch-first: (objects, tokens, channels); every row is the same frame's features
-                nonlocal result
-                if result is None:
-                    result = own(tgt[:1], query_pos[:1])
-                    self.stats.self_attention_runs += 1
-                if result.shape[1:] != tgt.shape[1:]:
-                    raise RuntimeError(f"memory attention got inputs of shapes {tuple(result.shape[1:])} and "
-                                       f"{tuple(tgt.shape[1:])} within one frame: this sam2's memory attention is "
-                                       f"not the one masklet shares per frame; please report it with sam2's "
-                                       f"version")
-                return result if tgt.shape[0] == 1 else result.expand(tgt.shape[0], -1, -1)
-            return shared
-
-        with patched_method(self.layer, "_forward_sa", sharing):
-            yield
-
-
 class _Engine:
     """One item's tracking: prompts checked up front, then `frames(feed)` yields FrameMasks."""
 
     def __init__(self, model: LoadedModel, num_frames: int, height: int, width: int, prompts: list[Prompt],
                  source_frames: list[int], options: TrackOptions, stats: TrackStats,
-                 resume: TrackerState | None = None, keyframe: "KeyframeFeatures | None" = None):
+                 resume: TrackerState | None = None, keyframe: "KeyframeFeatures | None" = None,
+                 reseed: Reseed | None = None, model_frames: int | None = None):
         self.model = model
         self.keyframe = keyframe
         self.predictor = model.predictor
         self.device = torch.device(self.predictor.device)
         self.num_frames = num_frames
+        # the video's length as the model sees it: it caps the object pointers read (sam2's num_frames)
+        self.model_frames = num_frames if model_frames is None else model_frames
+        if self.model_frames < num_frames:
+            raise ValueError(f"model_frames={model_frames} is less than the {num_frames} frames tracked")
         self.height, self.width = height, width
         self.source_frames = source_frames
         self.options = options
         self.stats = stats
+        self.reseed = reseed
         if len(source_frames) < num_frames:
             raise ValueError(f"source_frames has {len(source_frames)} entries for {num_frames} frames")
         # objects in order of first appearance (sam2's obj_idx order), each with its prompts by frame
         self.object_ids: list[int] = []
         self.prompts: dict[int, dict[int, Prompt]] = {}
         for p in prompts:
-            if not 0 <= p.frame < num_frames:
-                raise ValueError(f"the prompt of object {p.object_id} is on frame {p.frame}, outside the "
-                                 f"item's frames 0..{num_frames - 1}")
-            per_frame = self.prompts.setdefault(p.object_id, {})
-            if not per_frame:
-                self.object_ids.append(p.object_id)
-            if p.frame in per_frame:
-                raise ValueError(f"object {p.object_id} has two prompts on frame {p.frame}; give each object at "
-                                 f"most one mask per frame")
-            per_frame[p.frame] = p
-        self.start = min(p.frame for p in prompts)
+            self._register(p)
+        self.start = min((p.frame for p in prompts), default=0)  # no prompts: objects come from `reseed` only
+        self.dropped: dict[int, int] = {}  # object id -> the first frame it was no longer tracked on
+        self.batches: list[_Batch] = []
+        self._size = 0  # objects per batched step (not capped by the number of objects: more may join)
         self.resume = resume
         if resume is not None:
             if resume.object_ids != self.object_ids:
                 raise ValueError(f"the saved tracker state is for objects {resume.object_ids}, the prompts are "
-                                 f"for {self.object_ids}: it belongs to another item or run")
+                                 f"for {self.object_ids}: it belongs to another item or run (objects added "
+                                 f"during tracking go after the others, in the order they were added)")
             if not self.start < resume.next_frame <= num_frames:
                 raise ValueError(f"the saved tracker state goes on at frame {resume.next_frame}, outside "
                                  f"{self.start + 1}..{num_frames}")
@@ -580,11 +155,23 @@ class _Engine:
                                   if not options.compile and _SharedFirstSelfAttention.usable(self.predictor)
                                   else None)
 
+    def _register(self, p: Prompt) -> None:
+        if not 0 <= p.frame < self.num_frames:
+            raise ValueError(f"the prompt of object {p.object_id} is on frame {p.frame}, outside the "
+                             f"item's frames 0..{self.num_frames - 1}")
+        per_frame = self.prompts.setdefault(p.object_id, {})
+        if not per_frame:
+            self.object_ids.append(p.object_id)
+        if p.frame in per_frame:
+            raise ValueError(f"object {p.object_id} has two prompts on frame {p.frame}; give each object at "
+                             f"most one mask per frame")
+        per_frame[p.frame] = p
+
     def _state(self, feed: _FrameFeed) -> dict:
         """sam2's inference state, reduced to the keys its per-frame methods read."""
         return {
             "images": feed,
-            "num_frames": self.num_frames,
+            "num_frames": self.model_frames,
             "device": self.device,
             "storage_device": self.storage_device,
             "video_height": self.height,
@@ -594,8 +181,8 @@ class _Engine:
         }
 
     def _contexts(self) -> contextlib.ExitStack:
-        """inference_mode and autocast, entered around each frame's compute only (never across a yield, so
-        the caller's code between frames runs with its own settings)."""
+        """inference_mode and autocast, entered around each frame's compute only (never across a yield or a
+        call of `reseed`, so the caller's code between frames runs with its own settings)."""
         stack = contextlib.ExitStack()
         stack.enter_context(torch.inference_mode())
         if self.stats.autocast != "off":
@@ -604,19 +191,23 @@ class _Engine:
         return stack
 
     def _object_batch(self) -> int:
-        n = self.options.object_batch or default_object_batch(
+        return self.options.object_batch or default_object_batch(
             self.device, free_memory_bytes(self.device), self.model.image_size)
-        return max(1, min(n, len(self.object_ids)))
 
-    def _conditioning_outputs(self, state: dict) -> dict[int, dict[int, dict]]:
+    def _update_stats(self) -> None:
+        self.stats.objects = len(self.object_ids)
+        self.stats.batches = len(self.batches)
+        self.stats.object_batch = max(1, min(self._size, len(self.object_ids)))
+
+    def _conditioning_outputs(self, state: dict, objects: list[int]) -> dict[int, dict[int, dict]]:
         """Each object's output on each of its prompt frames as add_new_mask + propagate_in_video_preflight
         compute it (the mask as output, then the memory encoder on the upsampled low-res mask), without
         add_new_mask's consolidation of every object at video resolution, which tracking never reads."""
         pred = self.predictor
         size = self.model.image_size
-        outputs: dict[int, dict[int, dict]] = {obj: {} for obj in self.object_ids}
-        for frame in sorted({f for per in self.prompts.values() for f in per}):
-            for obj in self.object_ids:
+        outputs: dict[int, dict[int, dict]] = {obj: {} for obj in objects}
+        for frame in sorted({f for obj in objects for f in self.prompts[obj]}):
+            for obj in objects:
                 prompt = self.prompts[obj].get(frame)
                 if prompt is None:
                     continue
@@ -635,52 +226,95 @@ class _Engine:
                 outputs[obj][frame] = out
         return outputs
 
-    def _batches(self, cond: dict[int, dict[int, dict]], state: dict) -> tuple[list[_Batch], torch.Tensor | None]:
-        """Objects with the same prompt frames, `object_batch` at a time, their conditioning outputs stacked;
-        plus the permutation back to object order (None when the batches are in object order already)."""
-        size = self._object_batch()
-        self.stats.object_batch = size
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for position, obj in enumerate(self.object_ids):
-            groups.setdefault(tuple(sorted(self.prompts[obj])), []).append(position)
-        batches = []
-        for prompt_frames, members in groups.items():
-            for i in range(0, len(members), size):
-                batch = _Batch(members[i:i + size], first_frame=prompt_frames[0])
-                for f in prompt_frames:
-                    per_object = [cond[self.object_ids[m]].pop(f) for m in batch.objects]
-                    batch.output_dict["cond_frame_outputs"][f] = _stack_outputs(per_object, state["constants"])
-                batches.append(batch)
-        order = [m for b in batches for m in b.objects]
-        if order == sorted(order):
-            return batches, None
-        return batches, torch.as_tensor(np.argsort(order), device=self.device)
+    def _add_objects(self, state: dict, positions: list[int]) -> None:
+        """Conditioning outputs of the objects at `positions`, batched (`_place`)."""
+        cond = self._conditioning_outputs(state, [self.object_ids[p] for p in positions])
+        _place(self.batches, positions, {p: tuple(sorted(self.prompts[self.object_ids[p]])) for p in positions},
+               {p: cond[self.object_ids[p]] for p in positions}, self._size, state["constants"])
 
     def frames(self, feed: _FrameFeed) -> Iterator[FrameMasks]:
         """Conditioning outputs first (or the resumed state), then every frame to the end."""
-        self.stats.objects = len(self.object_ids)
         self.stats.storage_device = str(self.storage_device)
-        self.stats.memory_window = memory_window(self.predictor, self.num_frames)
+        self.stats.memory_window = memory_window(self.predictor, self.model_frames)
         state = self._state(feed)
         if self.resume is not None:
-            batches, order = self._restore(self.resume, state)
+            self._restore(self.resume, state)
         else:
             self._reuse_keyframe(state, feed)
+            self._size = self._object_batch()
             with self._contexts():
-                batches, order = self._batches(self._conditioning_outputs(state), state)
-        self.stats.batches = len(batches)
-        self._live = (state, batches, order)
+                self._add_objects(state, list(range(len(self.object_ids))))
+        self._remove_dropped_batches()
+        self._live = (state, self.batches, self.dropped)
         for t in range(self.start, self.num_frames):
             with self._contexts():
-                fm = self._frame(t, state, feed, batches, order)
+                fm = self._frame(t, state, feed)
+            if self.reseed is not None:
+                fm = self._reseeded(t, fm, state)
+            feed.release_before(t + 1)
             self.next_frame = t + 1
             yield fm
+
+    def _reseeded(self, t: int, fm: FrameMasks, state: dict) -> FrameMasks:
+        """Frame t's masks with the objects `reseed` adds on it: conditioned on t and batched as if they had been
+        prompted up front (new objects come last in object order), their masks upsampled as `_frame` does."""
+        added = list(self.reseed(fm))  # the caller's code: outside inference_mode and autocast
+        if not added:
+            return fm
+        ids = [p.object_id for p in added]
+        wrong = [p.object_id for p in added if p.frame != t]
+        if wrong:
+            raise ValueError(f"reseed returned prompts for objects {wrong} on other frames than frame {t}, the "
+                             f"frame it was called on; objects join tracking on the frame they were found on")
+        used = sorted({o for o in ids if o in self.prompts or ids.count(o) > 1})
+        if used:
+            raise ValueError(f"reseed returned object ids {used} that are already tracked, were dropped, or "
+                             f"appear twice; give each new object an id not used before in the item")
+        first = len(self.object_ids)
+        for p in added:
+            self._register(p)
+        positions = list(range(first, len(self.object_ids)))
+        with self._contexts():
+            self._add_objects(state, positions)
+            low_res = torch.full((len(positions), *self._low_res_shape()), _NO_OBJECT_LOGIT, device=self.device)
+            scores = torch.full((len(positions), 1), float("nan"), device=self.device)
+            for b in self.batches:
+                for i, p in enumerate(b.objects):
+                    if p >= first:  # from its conditioning output, as `_frame` reads it on a prompt frame
+                        out = b.output_dict["cond_frame_outputs"][t]
+                        low_res[p - first] = out["pred_masks"][i].to(self.device)
+                        scores[p - first] = out["object_score_logits"][i]
+            if getattr(self.predictor, "non_overlap_masks", False):  # compares objects: all again, at once
+                fm_masks = self._video_res_binary(state, torch.cat([self._low_res, low_res]))
+            else:
+                fm_masks = np.concatenate([fm.masks, self._video_res_binary(state, low_res)])
+        self._update_stats()
+        return FrameMasks(frame=t, source_frame=fm.source_frame, object_ids=tuple(self.object_ids),
+                          masks=fm_masks,
+                          object_scores=np.concatenate([fm.object_scores, scores.flatten().float().cpu().numpy()]))
+
+    def drop(self, object_ids: Iterable[int]) -> None:
+        """Stop tracking `object_ids` from the next frame on (see Tracking.drop). A batch whose objects are all
+        dropped is removed; the dropped members of other batches are still computed (so the others keep their
+        exact bits) and their outputs masked out."""
+        ids = [int(o) for o in object_ids]
+        unknown = [o for o in ids if o not in self.prompts]
+        if unknown:
+            raise ValueError(f"cannot drop objects {unknown}: they are not tracked (objects: {self.object_ids})")
+        for o in ids:
+            self.dropped.setdefault(o, self.next_frame)
+        self._remove_dropped_batches()
+
+    def _remove_dropped_batches(self) -> None:
+        gone = {self.object_ids.index(o) for o in self.dropped}
+        self.batches[:] = [b for b in self.batches if not gone.issuperset(b.objects)]
+        self._update_stats()
 
     def _reuse_keyframe(self, state: dict, feed: _FrameFeed) -> None:
         """Seed sam2's feature cache with the prompt stage's encoding of the first prompt frame, after checking
         that it encoded the very tensor tracking would (same frame, same preprocessing); ValueError if not."""
         kf = self.keyframe
-        if kf is None or kf.frame != self.start:
+        if kf is None or kf.frame != self.start or not self.object_ids:
             return
         image, tracked = kf.image.to(self.device), feed[kf.frame]
         if image.shape[1:] != tracked.shape or not torch.equal(image[0], tracked):
@@ -695,22 +329,24 @@ class _Engine:
         """The state after the last frame yielded; tensors are copied to the CPU (shared where already there)."""
         if self._live is None:
             raise RuntimeError("snapshot() is taken between frames, after the first one was yielded")
-        state, batches, order = self._live
+        state = self._live[0]
         cpu = lambda t: t.to("cpu")  # noqa: E731
         return TrackerState(
             next_frame=self.next_frame, object_ids=list(self.object_ids),
             batches=[{"objects": list(b.objects), "first_frame": b.first_frame,
-                      "output_dict": _map_tensors(b.output_dict, cpu)} for b in batches],
-            constants=_map_tensors(state["constants"], cpu),
-            order=None if order is None else order.to("cpu"))
+                      "output_dict": _map_tensors(b.output_dict, cpu)} for b in self.batches],
+            constants=_map_tensors(state["constants"], cpu), object_batch=self._size, dropped=dict(self.dropped))
 
-    def _restore(self, resume: TrackerState, state: dict) -> tuple[list[_Batch], torch.Tensor | None]:
+    def _restore(self, resume: TrackerState, state: dict) -> None:
         to_device = lambda t: t.to(self.device)  # noqa: E731
         state["constants"].update(_map_tensors(resume.constants, to_device))
-        batches = [_Batch(list(b["objects"]), int(b["first_frame"]), self._placed(b["output_dict"]))
-                   for b in resume.batches]
-        self.stats.object_batch = max(len(b.objects) for b in batches)
-        return batches, None if resume.order is None else resume.order.to(self.device)
+        self.batches[:] = [_Batch(list(b["objects"]), int(b["first_frame"]), self._placed(b["output_dict"]))
+                           for b in resume.batches]
+        self._size = resume.object_batch or max((len(b.objects) for b in self.batches), default=1)
+        unknown = set(resume.dropped) - set(self.object_ids)
+        if unknown:
+            raise ValueError(f"the saved tracker state dropped objects {sorted(unknown)} it does not track")
+        self.dropped.update(resume.dropped)
 
     def _placed(self, output_dict: dict) -> dict:
         """A restored output_dict where sam2 keeps it: memories and masks on the storage device, the rest
@@ -720,51 +356,61 @@ class _Engine:
                     for k, v in out.items()}
         return {kind: {f: place(out) for f, out in per_frame.items()} for kind, per_frame in output_dict.items()}
 
-    def _frame(self, t: int, state: dict, feed: _FrameFeed, batches: list[_Batch],
-               order: torch.Tensor | None) -> FrameMasks:
-        pred = self.predictor
-        oldest = oldest_readable_frame(pred, t + 1, self.num_frames)
-        oldest_memory = oldest_memory_frame(pred, t + 1)
-        pred_masks, scores = [], []
+    def _low_res_shape(self) -> tuple[int, int, int]:
+        low_res = self.model.image_size // 4
+        return (1, low_res, low_res)
+
+    def _frame(self, t: int, state: dict, feed: _FrameFeed) -> FrameMasks:
+        """Every object's mask on frame t: each batch's masks put at its objects' positions; objects not
+        prompted yet (or dropped) keep sam2's no-object logit and a NaN score."""
+        n = len(self.object_ids)
+        all_masks = torch.full((n, *self._low_res_shape()), _NO_OBJECT_LOGIT, dtype=torch.float32,
+                               device=self.device)
+        all_scores = torch.full((n, 1), float("nan"), dtype=torch.float32, device=self.device)
+        oldest = oldest_readable_frame(self.predictor, t + 1, self.model_frames)
+        oldest_memory = oldest_memory_frame(self.predictor, t + 1)
         with self._shared_attention.frame() if self._shared_attention else contextlib.nullcontext():
-            for batch in batches:
-                od = batch.output_dict
+            for batch in self.batches:
                 if t < batch.first_frame:  # not prompted yet: no mask, no score
-                    low_res = self.model.image_size // 4
-                    pred_masks.append(torch.full((len(batch.objects), 1, low_res, low_res), _NO_OBJECT_LOGIT,
-                                                 dtype=torch.float32, device=self.device))
-                    scores.append(torch.full((len(batch.objects), 1), float("nan"), device=self.device))
                     continue
-                current = od["cond_frame_outputs"].get(t)
-                if current is not None:
-                    masks = current["pred_masks"].to(self.device, non_blocking=True)
-                else:
-                    current, masks = pred._run_single_frame_inference(
-                        inference_state=state, output_dict=od, frame_idx=t, batch_size=len(batch.objects),
-                        is_init_cond_frame=False, point_inputs=None, mask_inputs=None, reverse=False,
-                        run_mem_encoder=True)
-                    current.pop("pred_masks", None)  # the frame's masks are `masks`; no later frame reads them
-                    od["non_cond_frame_outputs"][t] = current
-                non_cond = od["non_cond_frame_outputs"]
-                for old in [f for f in non_cond if f < oldest]:
-                    del non_cond[old]
-                # What later frames read of a non-conditioning output: its spatial memory while it is within the
-                # memory window, its object pointer while within the pointer window (longer), never its masks.
-                for f in [f for f in non_cond if f < oldest_memory and len(non_cond[f]) > 1]:
-                    non_cond[f] = {"obj_ptr": non_cond[f]["obj_ptr"]}
-                self.stats.max_non_cond_retained = max(self.stats.max_non_cond_retained, len(non_cond))
-                pred_masks.append(masks)
-                scores.append(current["object_score_logits"])
-        all_masks = torch.cat(pred_masks) if len(pred_masks) > 1 else pred_masks[0]
-        all_scores = torch.cat(scores) if len(scores) > 1 else scores[0]
-        if order is not None:
-            all_masks, all_scores = all_masks[order], all_scores[order]
+                masks, scores = self._track_batch(t, batch, state, oldest, oldest_memory)
+                positions = torch.as_tensor(batch.objects, device=self.device)
+                all_masks[positions] = masks.to(all_masks.dtype)
+                all_scores[positions] = scores.to(all_scores.dtype)
+        if self.dropped:  # their batch may still compute them (with others): their output is not theirs to keep
+            gone = torch.as_tensor([self.object_ids.index(o) for o in self.dropped], device=self.device)
+            all_masks[gone] = _NO_OBJECT_LOGIT
+            all_scores[gone] = float("nan")
+        self._low_res = all_masks  # what `_reseeded` upsamples again where sam2 compares objects
         binary = self._video_res_binary(state, all_masks)
-        feed.release_before(t + 1)
         return FrameMasks(frame=t, source_frame=self.source_frames[t],
                           object_ids=tuple(int(o) for o in self.object_ids), masks=binary,
                           object_scores=all_scores.flatten().float().cpu().numpy())
 
+    def _track_batch(self, t: int, batch: _Batch, state: dict, oldest: int,
+                     oldest_memory: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch's low-res masks and scores on frame t (its conditioning output on a prompt frame), then its
+        outputs pruned to what later frames can read."""
+        od = batch.output_dict
+        current = od["cond_frame_outputs"].get(t)
+        if current is not None:
+            masks = current["pred_masks"].to(self.device, non_blocking=True)
+        else:
+            current, masks = self.predictor._run_single_frame_inference(
+                inference_state=state, output_dict=od, frame_idx=t, batch_size=len(batch.objects),
+                is_init_cond_frame=False, point_inputs=None, mask_inputs=None, reverse=False,
+                run_mem_encoder=True)
+            current.pop("pred_masks", None)  # the frame's masks are `masks`; no later frame reads them
+            od["non_cond_frame_outputs"][t] = current
+        non_cond = od["non_cond_frame_outputs"]
+        for old in [f for f in non_cond if f < oldest]:
+            del non_cond[old]
+        # What later frames read of a non-conditioning output: its spatial memory while it is within the
+        # memory window, its object pointer while within the pointer window (longer), never its masks.
+        for f in [f for f in non_cond if f < oldest_memory and len(non_cond[f]) > 1]:
+            non_cond[f] = {"obj_ptr": non_cond[f]["obj_ptr"]}
+        self.stats.max_non_cond_retained = max(self.stats.max_non_cond_retained, len(non_cond))
+        return masks, current["object_score_logits"]
 
     def _video_res_binary(self, state: dict, low_res: torch.Tensor) -> np.ndarray:
         """Every object's mask at video resolution, thresholded, as propagate_in_video computes it
@@ -784,86 +430,6 @@ class _Engine:
         return out
 
 
-def _set_tf32(value: tuple[bool, bool]) -> None:
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = value
-
-
-class Tracking(Iterator[FrameMasks]):
-    """The iterator `track` returns: FrameMasks in frame order, with live `stats`.
-
-    The model runs in the caller's thread, one frame per `next()`. Decoding runs ahead in a thread started
-    by the first `next()` and joined after the last frame, on an error, or by `close()` (also called when
-    the iterator is dropped); after that the caller's frame iterator is free again."""
-
-    def __init__(self, engine: _Engine | None, frames: Iterable[np.ndarray], stats: TrackStats,
-                 options: TrackOptions):
-        self.stats = stats
-        self.device = engine.device if engine is not None else None  # the model's device
-        self._engine = engine
-        self._restore: list = []  # (setter, old value) of global flags to put back when done
-        self._gen = self._generate(engine, frames, options) if engine is not None else iter(())
-
-    def __iter__(self) -> "Tracking":
-        return self
-
-    def __next__(self) -> FrameMasks:
-        return next(self._gen)
-
-    def snapshot(self) -> TrackerState:
-        """The engine's state after the last frame yielded, for `track(..., resume=...)` (see TrackerState).
-        Take it between frames, in the thread that iterates."""
-        if self._engine is None:
-            raise RuntimeError("nothing is tracked (no prompts): there is no state to save")
-        return self._engine.snapshot()
-
-    def close(self) -> None:
-        """Stop decoding ahead and restore global flags; later `next()` calls raise StopIteration."""
-        close = getattr(self._gen, "close", None)
-        if close is not None:
-            close()
-        self._restore_flags()
-
-    def __del__(self) -> None:
-        self.close()
-
-    def _restore_flags(self) -> None:
-        while self._restore:
-            setter, value = self._restore.pop()
-            setter(value)
-
-    def _generate(self, engine: _Engine, frames: Iterable[np.ndarray], options: TrackOptions):
-        device = engine.device
-        if resolve_tf32(options.tf32, device):
-            self._restore.append((_set_tf32, (torch.backends.cuda.matmul.allow_tf32,
-                                              torch.backends.cudnn.allow_tf32)))
-            _set_tf32((True, True))
-            self.stats.tf32 = True
-        produce = _produce(frames, engine.start, engine.num_frames, engine.model.image_size,
-                           device.type == "cuda", self.stats, _AliveCounter(self.stats))
-        stop = threading.Event()
-        decode_thread = options.decode_thread if options.decode_thread is not None else spare_core(device)
-        self.stats.decode_thread = decode_thread
-        if decode_thread:
-            frames_q: queue.Queue = queue.Queue(maxsize=options.prefetch)
-            prefetch = threading.Thread(target=_prefetch, name="masklet-prefetch", daemon=True,
-                                        args=(produce, frames_q, stop))
-            prefetch.start()
-            feed = _FrameFeed(frames_q, engine.num_frames, device)
-        else:
-            prefetch = None
-            feed = _FrameFeed(produce, engine.num_frames, device)
-        try:
-            for fm in engine.frames(feed):
-                self.stats.frames += 1
-                yield fm
-        finally:
-            stop.set()
-            if prefetch is not None:
-                prefetch.join()
-            produce.close()
-            self._restore_flags()
-
-
 def track(
     model: LoadedModel,
     frames: Iterable[np.ndarray],
@@ -875,6 +441,8 @@ def track(
     options: TrackOptions = TrackOptions(),
     resume: TrackerState | None = None,
     keyframe: "KeyframeFeatures | None" = None,
+    reseed: Reseed | None = None,
+    model_frames: int | None = None,
 ) -> Tracking:
     """Track every prompt's mask from its frame to the end; yields one FrameMasks per frame, in order.
 
@@ -883,21 +451,68 @@ def track(
     `num_frames - 1`; if it ends early, MediaEnded is raised after every earlier frame was yielded.
     `object_scores` are SAM 2's object-presence logits. Bad prompts raise ValueError here, before any work.
 
+    With `reseed`, objects join during tracking: it is called on every frame t, after the masks of the objects
+    tracked so far were computed and before the frame is yielded, with that FrameMasks; the prompts it returns
+    (each on frame t, each for a new object id; ValueError otherwise) are tracked from t exactly as if they
+    had been in `prompts` (after the others, in the order returned): the same masks and scores on every frame,
+    bit for bit, and frame t's FrameMasks already holds them. With no prompts, tracking starts at frame 0 and
+    waits for `reseed`'s. `Tracking.drop(ids)` stops tracking objects from the next frame on.
+
     With `resume` (a `Tracking.snapshot()` of an earlier run over the same item, prompts and model), tracking
     goes on at `resume.next_frame` exactly as the interrupted run would have: `frames` still starts at frame 0
-    (earlier frames are pulled and skipped, not preprocessed) and only later frames are yielded.
+    (earlier frames are pulled and skipped, not preprocessed) and only later frames are yielded. `prompts` are
+    then the first run's followed by those its `reseed` added, in the order added; dropped objects stay dropped.
 
     With `keyframe` (pipeline.stages.prompt.prompt_and_encode_keyframe's features of the first prompt frame),
     that frame is not encoded again; ValueError if they were computed on another image than tracking reads.
-    Ignored when resuming, or when they are for another frame."""
+    Ignored when resuming, or when they are for another frame.
+
+    `model_frames`: the video's length as the model sees it, when only some of its frames are tracked (sam2
+    reads at most min(num_frames, max_obj_ptrs_in_encoder) object pointers); `track_backward` gives it."""
     stats = TrackStats(autocast=resolve_autocast(options.autocast, torch.device(model.predictor.device)))
-    if not prompts:
+    if not prompts and reseed is None:
         return Tracking(None, frames, stats, options)
-    engine = _Engine(model, num_frames, height, width, prompts, source_frames, options, stats, resume, keyframe)
+    engine = _Engine(model, num_frames, height, width, prompts, source_frames, options, stats, resume, keyframe,
+                     reseed, model_frames)
     if options.compile:
         compile_model_parts(engine.predictor)
         stats.compiled = True
-    return Tracking(engine, frames, stats, options)
+    decode_thread = options.decode_thread if options.decode_thread is not None else spare_core(engine.device)
+    return Tracking(engine, frames, stats, options, decode_thread)
+
+
+def track_backward(model: LoadedModel, frames_reversed: Iterable[np.ndarray], seed_frame: int, height: int,
+                   width: int, prompts: list[Prompt], source_frames: list[int], num_frames: int,
+                   options: TrackOptions = TrackOptions(), first_frame: int = 0) -> Iterator[FrameMasks]:
+    """Track `prompts` (all on `seed_frame`) backwards: FrameMasks of frames seed_frame - 1 down to
+    `first_frame`, numbered as in the item (`frame`, `source_frame`), objects in prompt order.
+
+    `frames_reversed` yields the item's decoded RGB frames seed_frame, seed_frame - 1, ..., first_frame (the
+    seed frame first). It is the forward engine on that reversed sequence with the prompts on its first frame,
+    and the model told the item's length (`num_frames`): sam2's reverse propagation
+    (propagate_in_video(reverse=True) from a fresh state with these prompts) reads the memory of the frame
+    after (t+1, t+2, ...) and the object pointers of the frames after at the same distances and with the same
+    signed temporal positions as forward tracking reads those before, so the masks are the same bits when its
+    memory stride (`memory_temporal_stride_for_eval`) is 1, as in every shipped config, or divides
+    `seed_frame` (sam2 aligns strided memories to absolute frame numbers; tests/test_track_reseed.py).
+    The seed frame's own masks (the prompts' conditioning outputs, as forward tracking yields them) are not
+    yielded again."""
+    wrong = [p.object_id for p in prompts if p.frame != seed_frame]
+    if wrong:
+        raise ValueError(f"objects {wrong} are not prompted on the seed frame {seed_frame}; track_backward "
+                         f"tracks prompts on one frame back from it")
+    if not 0 <= first_frame <= seed_frame < num_frames:
+        raise ValueError(f"tracking back from frame {seed_frame} to {first_frame} needs "
+                         f"0 <= first_frame <= seed_frame < num_frames={num_frames}")
+    n = seed_frame - first_frame + 1
+    stream = track(model, frames_reversed, n, height, width, [dataclasses.replace(p, frame=0) for p in prompts],
+                   [source_frames[seed_frame - u] for u in range(n)], options, model_frames=num_frames)
+    try:
+        for fm in stream:
+            if fm.frame > 0:
+                yield dataclasses.replace(fm, frame=seed_frame - fm.frame)
+    finally:
+        stream.close()
 
 
 _DONE = object()

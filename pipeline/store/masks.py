@@ -59,7 +59,11 @@ class MaskWriter:
                  buffer_bytes: int = MASK_BUFFER_BYTES):
         """`stage`: where to stage the array (default: a new name under tmp/items/<item_id>/). `resume_at`: go
         on writing an array already staged there, whose frames before `resume_at` (a shard-file boundary) are
-        final. `buffer_bytes`: most bytes of masks held between writes (see the module's docstring)."""
+        final. `buffer_bytes`: most bytes of masks held between writes (see the module's docstring).
+
+        `num_objects` is the array's capacity: a frame may carry fewer objects (masklets added while tracking,
+        re-seeding or phase-1 linking, come after; objects never leave the layout), the rows past them stay
+        empty, and `finish(num_objects=n)` trims the object axis to the n objects there were."""
         self.paths = paths
         self.item_id = item_id
         self.shape = (num_objects, num_frames, height, width)
@@ -91,6 +95,7 @@ class MaskWriter:
         self._held = 0  # frames in the buffer
         self._start = resume_at  # first frame of the buffered slab
         self.frames_written = resume_at
+        self.objects = 0  # objects on the latest frame (they never decrease within an item)
 
     @property
     def frames_buffered(self) -> int:
@@ -100,39 +105,49 @@ class MaskWriter:
     def write(self, fm: FrameMasks) -> None:
         if fm.frame != self._start + self._held:
             raise ValueError(f"item {self.item_id}: frame {fm.frame} arrived out of order")
-        if fm.masks.shape != (self.shape[0], self.shape[2], self.shape[3]):
+        n = fm.masks.shape[0]
+        if fm.masks.shape[1:] != self.shape[2:] or not self.objects <= n <= self.shape[0]:
             raise ValueError(f"item {self.item_id}: frame {fm.frame} has masks of shape {fm.masks.shape}, "
-                             f"expected {(self.shape[0], self.shape[2], self.shape[3])}")
+                             f"expected ({self.objects} to {self.shape[0]}, {self.shape[2]}, {self.shape[3]})")
+        if n > self.objects and self._held:  # objects added: empty on the frames already held
+            self._buffer[self.objects:n, :self._held] = False
+        self.objects = n
         if self.buffer_frames == 1:  # a frame alone fills the budget: write it from the tracker's array
             self._write_slab(fm.masks[:, None], 1)
             return
         if self._buffer is None:
             self._buffer = np.empty((self.shape[0], self.buffer_frames, self.shape[2], self.shape[3]), dtype=bool)
-        self._buffer[:, self._held] = fm.masks
+        self._buffer[:n, self._held] = fm.masks
         self._held += 1
         if self._held == self.buffer_frames or (self._start + self._held) % self.per_file == 0:
             self._flush()
 
     def _flush(self) -> None:
         if self._held:
-            self._write_slab(self._buffer[:, :self._held], self._held)
+            self._write_slab(self._buffer[:self.objects, :self._held], self._held)
 
     def _write_slab(self, slab: np.ndarray, frames: int) -> None:
         """Write (O, frames, H, W) at the current frame; slabs never cross a shard-file boundary."""
         end = self._start + frames
-        if self.shape[0]:
-            self.array[:, self._start:end] = slab
+        if slab.shape[0]:
+            self.array[:slab.shape[0], self._start:end] = slab
         self._start = end
         self.frames_written = end
         self._held = 0
 
-    def finish(self, num_frames: int | None = None, attributes: dict | None = None) -> None:
-        """Flush, and shrink the time axis if the media had fewer frames than probed."""
+    def finish(self, num_frames: int | None = None, attributes: dict | None = None,
+               num_objects: int | None = None) -> None:
+        """Flush, and shrink the time axis if the media had fewer frames than probed (and the object axis to
+        `num_objects`, the objects there were, when the capacity was larger)."""
         self._flush()
         self._buffer = None
-        if num_frames is not None and num_frames != self.shape[1]:
-            self.array.resize((self.shape[0], num_frames, self.shape[2], self.shape[3]))
-            self.shape = (self.shape[0], num_frames, self.shape[2], self.shape[3])
+        frames = self.shape[1] if num_frames is None else num_frames
+        objects = self.shape[0] if num_objects is None else num_objects
+        if objects > self.shape[0]:
+            raise ValueError(f"item {self.item_id}: {objects} objects for an array of {self.shape[0]}")
+        if (objects, frames) != self.shape[:2]:
+            self.array.resize((objects, frames, self.shape[2], self.shape[3]))
+            self.shape = (objects, frames, self.shape[2], self.shape[3])
         if attributes:
             self.array.update_attributes(attributes)
 

@@ -65,20 +65,24 @@ _MASKLETS_BASE = pa.schema([
     ("item_id", pa.string()),
     ("object_id", pa.int32()),
     ("masklet_id", pa.string()),  # "<item_id>/<object_id>": stable across runs of the same plan
-    ("prompt_source", pa.string()),  # amg
-    ("prompt_frame", pa.int32()),
+    ("prompt_source", pa.string()),  # amg | reseed | sam1 | correction (pipeline/records.py's Prompt.source)
+    ("prompt_frame", pa.int32()),  # the seed frame: where the masklet's prompt was given
     ("prompt_source_frame", pa.int64()),
     ("prompt_x", pa.float32()),
     ("prompt_y", pa.float32()),
     ("predicted_iou", pa.float32()),
     ("stability_score", pa.float32()),
     ("prompt_area", pa.int64()),
-    ("first_frame", pa.int32()),  # first decoded frame where the mask is non-empty (-1: never)
+    ("first_frame", pa.int32()),  # first decoded frame where the mask is non-empty (-1: never): first appeared
     ("last_frame", pa.int32()),
     ("frames_visible", pa.int32()),
     ("area_mean", pa.float64()),  # over visible frames
     ("area_min", pa.int64()),
     ("area_max", pa.int64()),
+    # the duplicate rule's decision on a re-seeded masklet (pipeline/stages/reseed.py): null when kept
+    ("dropped_reason", pa.string()),  # duplicate | empty
+    ("dropped_frame", pa.int32()),  # from this frame on it was no longer tracked
+    ("merged_into", pa.int32()),  # the older masklet it duplicated (null for empty)
 ])
 
 # Every masklet signal (the ones named like a base column are the same values: predicted_iou,
@@ -168,10 +172,13 @@ class FrameRows:
 
 
 def masklets_table(item_id: str, prompts, source_frames: list[int], frames: pa.Table,
-                   signals: pa.Table | None = None, qa: QAConfig | None = None) -> pa.Table:
+                   signals: pa.Table | None = None, qa: QAConfig | None = None,
+                   dropped: dict | None = None) -> pa.Table:
     """One row per prompted object, with track statistics derived from that item's frame rows, the masklet
     signals (`signals`: MaskletSignals.finish().masklets, in prompt order; nulls without) and the flags and
-    review priority they give under `qa` (the run's thresholds)."""
+    review priority they give under `qa` (the run's thresholds). `dropped`: object id -> pipeline.records.Dropped
+    for masklets the duplicate rule removed."""
+    dropped = dropped or {}
     obj = np.asarray(frames.column("object_id").to_numpy(zero_copy_only=False))
     frm = np.asarray(frames.column("frame").to_numpy(zero_copy_only=False))
     area = np.asarray(frames.column("area").to_numpy(zero_copy_only=False))
@@ -196,6 +203,10 @@ def masklets_table(item_id: str, prompts, source_frames: list[int], frames: pa.T
         rows["area_mean"].append(float(vis_area.mean()) if len(vis_area) else 0.0)
         rows["area_min"].append(int(vis_area.min()) if len(vis_area) else 0)
         rows["area_max"].append(int(vis_area.max()) if len(vis_area) else 0)
+        fate = dropped.get(p.object_id)
+        rows["dropped_reason"].append(fate.reason if fate else None)
+        rows["dropped_frame"].append(fate.frame if fate else None)
+        rows["merged_into"].append(fate.merged_into if fate else None)
     table = pa.table(rows, schema=_MASKLETS_BASE)
     extra = [f for f in MASKLETS_SCHEMA if f.name not in _MASKLETS_BASE.names and f.name not in
              ("flags", "review_priority")]

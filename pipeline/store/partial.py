@@ -3,7 +3,8 @@
 While an item is tracked, its folder tmp/partial/<item_id>/ holds:
 
     masks.zarr                   the item's staged mask array; frames before `next_frame` are final
-    prompts.pt                   the item's prompts (written once, at the first checkpoint)
+    prompts.pt                   the item's prompts (written at the first checkpoint; re-seeding adds masklets:
+                                 then prompts-<next frame>.pt, named by progress.json, holds them all)
     rows-<first frame>.parquet   the frame rows of one stretch between two checkpoints
     state-<next frame>.pt        the tracker's state after frame next_frame - 1 (TrackerState.payload())
     signals-<next frame>.npz     the quality signals' running statistics at that point (MaskletSignals.state())
@@ -53,11 +54,12 @@ class Resume:
     rows: pa.Table  # frame rows of frames 0 .. next_frame - 1
     seconds_prompt: float
     signals: dict[str, np.ndarray]  # MaskletSignals.state() after frame next_frame - 1
+    extra: dict  # plain JSON the worker keeps beside (re-seeding's schedule, duplicate rule and drops)
 
 
 def prompts_payload(prompts: list[Prompt]) -> dict:
     """Prompts as tensors and lists (weights_only-loadable); masks bit-packed."""
-    masks = np.stack([p.mask for p in prompts]).astype(bool)
+    masks = np.stack([p.mask for p in prompts]).astype(bool) if prompts else np.zeros((0, 0, 0), dtype=bool)
     return {
         "shape": list(masks.shape),
         "masks": torch.from_numpy(np.packbits(masks, axis=None)),
@@ -98,6 +100,7 @@ class PartialItem:
         self.key = {"version": PARTIAL_VERSION, **key}
         self._rows: list[str] = []
         self._rows_from = 0  # first frame of the rows not yet in a checkpoint
+        self._prompts: tuple[str, int] | None = None  # the prompts file of the last checkpoint, and its count
 
     @property
     def masks(self):
@@ -128,7 +131,7 @@ class PartialItem:
         if not self.masks.is_dir():
             raise FileNotFoundError(f"{self.masks} is missing")
         state = torch.load(self.dir / progress["state"], weights_only=True, map_location="cpu")
-        prompts = torch.load(self.dir / "prompts.pt", weights_only=True, map_location="cpu")
+        prompts = torch.load(self.dir / progress.get("prompts", "prompts.pt"), weights_only=True, map_location="cpu")
         rows = [pq.read_table(self.dir / name, schema=FRAMES_SCHEMA) for name in progress["rows"]]
         table = pa.concat_tables(rows) if rows else FRAMES_SCHEMA.empty_table()
         next_frame = int(progress["next_frame"])
@@ -138,17 +141,22 @@ class PartialItem:
             signals = {name: npz[name] for name in npz.files}
         self._rows = list(progress["rows"])
         self._rows_from = next_frame
+        self._prompts = (progress.get("prompts", "prompts.pt"), len(prompts["prompts"]["object_id"]))
         return Resume(next_frame=next_frame, prompts=prompts_from_payload(prompts["prompts"]), tracker=state,
-                      rows=table, seconds_prompt=float(prompts["seconds_prompt"]), signals=signals)
+                      rows=table, seconds_prompt=float(prompts["seconds_prompt"]), signals=signals,
+                      extra=dict(progress.get("extra") or {}))
 
     def save(self, next_frame: int, rows: pa.Table, tracker: dict, prompts: list[Prompt],
-             seconds_prompt: float, signals: dict[str, np.ndarray]) -> None:
+             seconds_prompt: float, signals: dict[str, np.ndarray], extra: dict | None = None) -> None:
         """Checkpoint after frame next_frame - 1. `rows` are the frame rows since the last checkpoint; the mask
-        shard files up to next_frame must already be written."""
-        prompts_file = self.dir / "prompts.pt"
-        if not prompts_file.exists():
+        shard files up to next_frame must already be written. `prompts` are all the item's prompts so far (they
+        only grow); `extra`: small JSON-able state kept with this checkpoint."""
+        if self._prompts is None or self._prompts[1] != len(prompts):
+            name = "prompts.pt" if self._prompts is None else f"prompts-{next_frame:08d}.pt"
             payload = {"prompts": prompts_payload(prompts), "seconds_prompt": seconds_prompt}
-            write_atomic(prompts_file, lambda p: torch.save(payload, p))
+            write_atomic(self.dir / name, lambda p: torch.save(payload, p))
+            self._prompts = (name, len(prompts))
+        prompts_name = self._prompts[0]
         rows_name = f"rows-{self._rows_from:08d}.parquet"
         write_atomic(self.dir / rows_name, lambda p: pq.write_table(rows, p))
         state_name = f"state-{next_frame:08d}.pt"
@@ -158,10 +166,10 @@ class PartialItem:
         fsync_tree(self.masks)  # the mask files this checkpoint vouches for are on disk before it is
         names = [*self._rows, rows_name]
         progress = {"key": self.key, "next_frame": next_frame, "rows": names, "state": state_name,
-                    "signals": signals_name}
+                    "signals": signals_name, "prompts": prompts_name, "extra": extra or {}}
         write_atomic(self.progress, lambda p: p.write_text(json.dumps(progress)))  # the commit point
         self._rows, self._rows_from = names, next_frame
-        keep = {*names, state_name, signals_name, "prompts.pt", "progress.json", "masks.zarr"}
+        keep = {*names, state_name, signals_name, prompts_name, "progress.json", "masks.zarr"}
         for p in self.dir.iterdir():
             if p.name not in keep and not p.name.startswith("."):
                 p.unlink(missing_ok=True)
