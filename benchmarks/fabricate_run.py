@@ -79,7 +79,11 @@ def shard_tables(spec: Spec, shard_id: int, items: list[MediaItem], first_index:
     num_obj = cols["num_objects"]
     mcols = _masklet_columns(rng, cols["item_id"], num_obj, frames, width, height, ramp)
     base = [f for f in metadata.MASKLETS_SCHEMA if f.name not in ("flags", "review_priority")]
-    masklets = pa.table({f.name: _arr(_nulls(mcols[f.name]), f) for f in base}, schema=pa.schema(base))
+    n = len(mcols["masklet_id"])
+    # Columns the fabricator draws nothing for are null: the re-seeding fate (dropped_reason, dropped_frame,
+    # merged_into) of masklets that were all kept.
+    masklets = pa.table({f.name: _arr(_nulls(mcols[f.name]), f) if f.name in mcols else pa.nulls(n, f.type)
+                         for f in base}, schema=pa.schema(base))
     masklets = flag_vectorised(masklets, qa)
     frames_table = _frame_rows(rng, items, num_obj, masklets, failed) if spec.frame_rows else \
         metadata.empty(metadata.FRAMES_SCHEMA)
