@@ -74,6 +74,34 @@ def small_run(tmp_path_factory, demo_config, fast_overrides) -> str:
     return str(out)
 
 
+# The data engine's three presets (configs/phases/), on tiny random-weight models: SAM 2.1 tiny at IMAGE_SIZE,
+# SAM 1 vit_b at 64 px; the generators' filters opened as in random-demo.yaml (SAM 1's has no mask_threshold).
+PHASE_OVERRIDES = ["prompt.pred_iou_thresh=0.0", "prompt.stability_score_thresh=0.0", "prompt.min_mask_region_area=0",
+                   "prompt.min_area=16", "prompt.points_per_side=4", "prompt.max_objects=6", "decode.target_fps=null",
+                   "sam1.random_weights=true", "sam1.image_size=64", "prompt.reseed_every=4",
+                   "prompt.reseed_min_area=16", "propagate.reverse_frames=3", "store.frames_per_file=4",
+                   "local.workers=0"]
+
+
+@pytest.fixture(scope="session")
+def phase_runs(tmp_path_factory, fast_overrides) -> str:
+    """A folder with one run per preset (phase1, phase2, phase3) on the same 10-frame clip, random weights;
+    re-seeding every 4 frames in phases 2 and 3 (phase 3's preset tracks re-seeded masklets backwards)."""
+    from pipeline.cli import main
+    from pipeline.samples import make_video
+
+    root = tmp_path_factory.mktemp("phase_runs")
+    make_video(root / "media" / "clip.mp4", frames=10, width=128, height=96, seed=5)
+    manifest = root / "manifest.parquet"
+    assert main(["manifest", "build", str(root / "media"), "-o", str(manifest)]) == 0
+    configs = os.path.join(os.path.dirname(__file__), "..", "configs", "phases")
+    for phase in (1, 2, 3):
+        extra = ["prompt.reseed_every=null"] if phase == 1 else []
+        assert main(["run", "--manifest", str(manifest), "--out", str(root / "runs" / f"phase{phase}"), "--config",
+                     os.path.join(configs, f"phase{phase}.yaml"), *fast_overrides, *PHASE_OVERRIDES, *extra]) == 0
+    return str(root / "runs")
+
+
 DAVIS_SEQUENCES = ("blobs", "boxes")
 DAVIS_FRAMES, DAVIS_W, DAVIS_H = 6, 96, 64
 DAVIS_PALETTE = [0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * (256 * 3 - 9)

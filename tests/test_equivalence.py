@@ -124,3 +124,43 @@ def test_pipeline_equals_plain_sam2_on_jpeg_folder(tmp_path, demo_config, fast_o
     if share_features:  # else this test could not tell the two preprocessings apart
         stock = _plain_amg(folder, random_checkpoint, cfg.prompt, video_loader_frame=False)
         assert [r["predicted_iou"] for r in stock] != [r["predicted_iou"] for r in records]
+
+
+def test_phase_two_propagation_equals_plain_sam2_given_sam1_masks(tmp_path, demo_config, fast_overrides,
+                                                                  random_checkpoint):
+    """Phase 2 (configs/phases/phase2.yaml: SAM 1's automatic masks on frame 0 as SAM 2's mask prompts): the
+    pipeline's masklets equal sam2's plain flow given the same SAM 1 masks (SAM 1's generator is itself
+    bit-identical to segment-anything's own: tests/test_sam1.py). Both random-weight models, labelled so."""
+    from pipeline.stages.sam1 import load_sam1, make_sam1_generator
+    from sam2.build_sam import build_sam2_video_predictor
+
+    frames = SHORT_FRAMES
+    folder = Path(make_frame_folder(tmp_path / "media" / "clip", frames=frames, width=160, height=120, ext="jpg", seed=3))
+    assert main(["manifest", "build", str(tmp_path / "media"), "-o", str(tmp_path / "m.parquet")]) == 0
+    out = tmp_path / "run"
+    overrides = [*fast_overrides, "prompt.generator=sam1", "sam1.random_weights=true", "sam1.image_size=64",
+                 "prompt.mask_threshold=0.0", f"prompt.max_objects={MAX_OBJECTS}"]
+    assert main(["run", "--manifest", str(tmp_path / "m.parquet"), "--out", str(out), "--config", demo_config,
+                 *overrides]) == 0
+    cfg = load_config(demo_config, overrides)
+    torch.set_num_threads(THREADS)
+    frame0 = np.array(Image.open(folder / "00000.jpg").convert("RGB"))
+    records = select_records(make_sam1_generator(load_sam1(cfg.sam1, cfg.model), cfg.prompt).generate(frame0),
+                             cfg.prompt)
+    assert len(records) >= 2, "the test needs several objects to mean anything"
+    predictor = build_sam2_video_predictor(_CONFIG_FILE, random_checkpoint, device="cpu",
+                                           hydra_overrides_extra=_OVERRIDES)
+    predictor.fill_hole_area = 0
+    state = predictor.init_state(video_path=str(folder))
+    for obj_id, r in enumerate(records):
+        predictor.add_new_mask(state, frame_idx=0, obj_id=obj_id, mask=r["segmentation"])
+    res = open_run(out)
+    assert res.random_weights
+    (item_id,) = res.item_ids()
+    masks = res.masks(item_id)[:]
+    assert masks.shape == (len(records), frames, 120, 160)
+    assert [r["prompt_source"] for r in res.masklets.to_pylist()] == ["sam1"] * len(records)
+    with torch.inference_mode():
+        for t, obj_ids, plain in predictor.propagate_in_video(state):
+            np.testing.assert_array_equal(masks[:, t], (plain[:, 0] > 0.0).numpy(), err_msg=f"frame {t}")
+    assert masks.any(axis=(2, 3)).mean() >= 0.5

@@ -20,6 +20,7 @@ CELL_TIMEOUT_S = 60
 RUN_OF = {
     "quality.ipynb": "small_run",  # any run: quality signals, flags, frames decoded from the media
     "export-and-evaluate.ipynb": "davis_run",  # a run on a DAVIS-layout dataset: its manifest names the GT
+    "data-engine-phases.ipynb": "phase_runs",  # a folder with one run per preset (configs/phases/)
 }
 
 
