@@ -368,7 +368,8 @@ def _cmd_export(args) -> int:
 
     filt = ExportFilter(items=tuple(args.item), items_glob=args.items, flags=tuple(args.flag),
                         no_flags=tuple(args.no_flag), min_frames_visible=args.min_frames_visible,
-                        min_area_share=args.min_area_share, decision=args.decision)
+                        min_area_share=args.min_area_share, decision=args.decision,
+                        include_dropped=args.include_dropped)
     try:
         record = export_run(args.out, args.format, args.output, filt, executor=args.executor, workers=args.workers,
                             profile=args.profile)
@@ -506,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--decision", choices=["accepted", "not-rejected", "all"], default=None,
                         help="keep masklets by review decision (default on a reviewed run: not-rejected; "
                              "`all` keeps rejected ones too)")
+    export.add_argument("--include-dropped", action="store_true",
+                        help="also export re-seeded masklets the duplicate rule dropped (dropped_reason set)")
     export.add_argument("--executor", choices=["local", "dask", "slurm"], default="local",
                         help="local: this process; dask: --workers local processes; slurm: array tasks")
     export.add_argument("--workers", type=int, default=None,

@@ -205,3 +205,22 @@ def test_reseeded_masklets_tracked_backwards_fill_the_frames_before_their_seed(m
         visible = [f for f in range(FRAMES) if masks[r["object_id"], f].any()]
         assert r["first_frame"] == (visible[0] if visible else -1)
         assert r["frames_visible"] == len(visible)
+
+
+def test_exports_leave_dropped_masklets_out_unless_asked(reseeded, tmp_path):
+    """A masklet the duplicate rule dropped is the same object as an older one: exporting it would give that
+    object twice. `masklet export` leaves such masklets out; --include-dropped keeps them."""
+    from pipeline.export.filters import ExportFilter, select_masklets
+
+    rows = open_run(reseeded).masklets
+    dropped = {r["object_id"] for r in rows.to_pylist() if r["dropped_reason"] is not None}
+    assert dropped, "the run dropped nothing: the test shows nothing"
+    kept = set(select_masklets(ExportFilter(), rows)["object_id"].to_pylist())
+    assert kept == set(rows["object_id"].to_pylist()) - dropped
+    assert set(select_masklets(ExportFilter(include_dropped=True), rows)["object_id"].to_pylist()) == set(
+        rows["object_id"].to_pylist())
+    for extra, expected in (([], kept), (["--include-dropped"], kept | dropped)):
+        dest = tmp_path / f"sav{len(extra)}"
+        assert main(["export", str(reseeded), "--format", "sav-png", "-o", str(dest), *extra]) == 0
+        objects = {int(p.name) for p in (dest / "enter").iterdir() if p.is_dir()}
+        assert len(objects) == len(expected)

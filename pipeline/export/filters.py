@@ -36,6 +36,7 @@ class ExportFilter:
     min_frames_visible: int | None = None
     min_area_share: float | None = None  # on area_share_mean (null: never passes)
     decision: str | None = None  # accepted | not-rejected | all; None: not-rejected once a review decided any
+    include_dropped: bool = False  # re-seeded masklets the duplicate rule dropped (dropped_reason set): left out
 
     def __post_init__(self):
         from pipeline.quality.flags import FLAG_NAMES
@@ -112,6 +113,9 @@ review_decisions: DecisionReader = _review_decisions
 def masklet_mask(filt: ExportFilter, masklets: pa.Table, decisions: dict[str, str] | None = None) -> pa.Array:
     """Per row of one item's masklets table: whether the filter keeps it."""
     keep = pa.array([True] * masklets.num_rows, pa.bool_())
+    if not filt.include_dropped and "dropped_reason" in masklets.column_names:
+        # a duplicate the hotstart rule removed (pipeline/stages/reseed.py) would give one object twice
+        keep = pc.and_(keep, pc.is_null(masklets["dropped_reason"]))
     if filt.flags:
         keep = pc.and_(keep, _has_any_flag(masklets["flags"], filt.flags))
     if filt.no_flags:
