@@ -138,8 +138,9 @@ def test_phase_two_propagation_equals_plain_sam2_given_sam1_masks(tmp_path, demo
     folder = Path(make_frame_folder(tmp_path / "media" / "clip", frames=frames, width=160, height=120, ext="jpg", seed=3))
     assert main(["manifest", "build", str(tmp_path / "media"), "-o", str(tmp_path / "m.parquet")]) == 0
     out = tmp_path / "run"
+    # Random SAM 1 weights give near-whole-frame masks that box NMS collapses into one: NMS off keeps several.
     overrides = [*fast_overrides, "prompt.generator=sam1", "sam1.random_weights=true", "sam1.image_size=64",
-                 "prompt.mask_threshold=0.0", f"prompt.max_objects={MAX_OBJECTS}"]
+                 "prompt.mask_threshold=0.0", "prompt.box_nms_thresh=1.0", f"prompt.max_objects={MAX_OBJECTS}"]
     assert main(["run", "--manifest", str(tmp_path / "m.parquet"), "--out", str(out), "--config", demo_config,
                  *overrides]) == 0
     cfg = load_config(demo_config, overrides)
