@@ -9,6 +9,8 @@ depends on the tracked masks of that frame (random), which are read back from th
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pyarrow.compute as pc
@@ -18,9 +20,9 @@ from PIL import Image
 from pipeline import open_run
 from pipeline.cli import main
 from pipeline.config import load_config
+from pipeline.paths import RunPaths
 from pipeline.stages.reseed import new_prompts
 from pipeline.store.masks import open_masks
-from pipeline.paths import RunPaths
 from tests.runcompare import assert_same_outputs
 
 FRAMES, W, H = 24, 128, 96
@@ -224,3 +226,52 @@ def test_exports_leave_dropped_masklets_out_unless_asked(reseeded, tmp_path):
         assert main(["export", str(reseeded), "--format", "sav-png", "-o", str(dest), *extra]) == 0
         objects = {int(p.name) for p in (dest / "enter").iterdir() if p.is_dir()}
         assert len(objects) == len(expected)
+
+
+_WRAPPER = """
+import sys
+import pipeline.worker as worker
+from tests.test_reseed_run import ShapeGenerator
+worker.make_generator = lambda model, cfg: ShapeGenerator()
+from pipeline.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("after", [8, 12, 20])
+def test_kill_minus_nine_during_a_reseeded_item_then_resume(manifest, reseeded, demo_config, fast_overrides,
+                                                            tmp_path, after):
+    """SIGKILL the worker process once its checkpoint has passed frame `after` (re-seeds on frames 5, 10, 15,
+    20 came before it), wherever it is by then (tracking, writing, the next checkpoint); `masklet resume`
+    ends with the uninterrupted run's masks and rows."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": repo}
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-c", _WRAPPER, "run", "--manifest", str(manifest), "--out", str(out), "--config",
+           demo_config, *fast_overrides, *RESEED, "store.checkpoint_seconds=0"]
+    proc = subprocess.Popen(cmd, env=env, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = RunPaths.of(out).partial("enter") / "progress.json"
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if json.loads(progress.read_text())["next_frame"] >= after:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before the kill: the test shows nothing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = subprocess.run([sys.executable, "-c", _WRAPPER, "resume", str(out)], env=env, cwd=repo,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    logs = "".join(p.read_text() for p in RunPaths.of(out).logs.glob("*.log"))
+    assert "continuing from its checkpoint" in logs
+    assert_same_outputs(reseeded, out)
