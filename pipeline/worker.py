@@ -219,8 +219,9 @@ def process_item(plan: RunPlan, shard_id: int, item: MediaItem, models: Models,
     if partial is not None:
         partial.discard()  # the masks are published; the rows are committed by the caller, from memory
     seconds_propagate = time.perf_counter() - t_prop  # wall time; decoding and writing overlap it (threads)
-    if seeder is not None:
+    if seeder is not None:  # the generator on re-seed frames ran inside tracking: count it as prompting
         seconds_prompt += seeder.seconds
+        seconds_propagate -= seeder.seconds
     rows, signals = job.rows, job.signals  # recomputed when re-seeded masklets were tracked backwards
     frames_table = rows.table()
     t_sig = time.perf_counter()
