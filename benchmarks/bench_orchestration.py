@@ -70,6 +70,8 @@ def shard_tables(item_ids: list[str], shard_id: int, t0: datetime) -> dict[str, 
     for name in ("prompt_x", "prompt_y", "predicted_iou", "stability_score", "area_mean"):
         ml[name] = [0.5] * (n * OBJECTS)
     ml["flags"] = [[] for _ in range(n * OBJECTS)]
+    ml["dropped_reason"] = [None] * (n * OBJECTS)  # kept masklets: no duplicate-rule decision
+    ml["dropped_frame"] = ml["merged_into"] = [None] * (n * OBJECTS)
     k = n * OBJECTS * FRAMES
     fr = {name: [0] * k for name in metadata.FRAMES_SCHEMA.names}
     fr.update(item_id=[i for i in item_ids for _ in range(OBJECTS * FRAMES)],
