@@ -95,6 +95,8 @@ class Seeder:
 
     def __call__(self, fm: FrameMasks) -> list[Prompt]:
         """The tracker's `reseed` callback on frame `fm.frame` (its masklets' masks so far): new prompts."""
+        if fm.frame and self.cfg.reseed_adaptive is None and fm.frame % self.cfg.reseed_every:
+            return []  # periodic only, not a seed frame: the union of the masks is not needed (model's thread)
         ids, masks = self._live(fm)
         uncovered = uncovered_share(masks)
         if fm.frame == 0:  # the first prompting is the schedule's first seed
