@@ -52,6 +52,8 @@ MODEL_SPECS = {
 # follows the weights whatever the config says. sam2's loader reads only "model"; the value is plain data
 # ({"seed", "image_size", "name"}), so torch.load(weights_only=True) still reads the file.
 RANDOM_WEIGHTS_KEY = "masklet_random_weights"
+# What a model loaded with random weights adds to its label (SAM 2's here, SAM 1's in pipeline/stages/sam1.py).
+RANDOM_WEIGHTS_TAG = " [RANDOM WEIGHTS: plumbing only, not real masks]"
 
 
 class CheckpointError(RuntimeError):
@@ -72,7 +74,7 @@ class LoadedModel:
 
     @property
     def label(self) -> str:
-        tag = " [RANDOM WEIGHTS: plumbing only, not real masks]" if self.random_weights else ""
+        tag = RANDOM_WEIGHTS_TAG if self.random_weights else ""
         return f"{self.name}@{self.image_size}{tag}"
 
 

@@ -31,8 +31,8 @@ import torch
 
 from pipeline.config import ConfigError, ModelConfig, PromptConfig, Sam1Config
 from pipeline.records import Prompt
-from pipeline.stages.models import (RANDOM_WEIGHTS_KEY, CheckpointError, CheckpointSource, pick_device,
-                                    resolve_file)
+from pipeline.stages.models import (RANDOM_WEIGHTS_KEY, RANDOM_WEIGHTS_TAG, CheckpointError, CheckpointSource,
+                                    pick_device, resolve_file)
 from pipeline.stages.prompt import amg_kwargs, prompts_from_records, select_records
 
 _OFFICIAL_BASE = "https://dl.fbaipublicfiles.com/segment_anything"
@@ -92,7 +92,7 @@ class LoadedSam1:
 
     @property
     def label(self) -> str:
-        tag = " [RANDOM WEIGHTS: plumbing only, not real masks]" if self.random_weights else ""
+        tag = RANDOM_WEIGHTS_TAG if self.random_weights else ""
         return f"sam1_{self.name}@{self.image_size}{tag}"
 
 
