@@ -74,6 +74,15 @@ def small_run(tmp_path_factory, demo_config, fast_overrides) -> str:
     return str(out)
 
 
+
+@pytest.fixture
+def small_run_copy(small_run, tmp_path) -> str:
+    """A private copy of `small_run` for a test that writes into its run folder (a review): the other tests
+    read small_run as it was made."""
+    out = tmp_path / "run"
+    shutil.copytree(small_run, out)
+    return str(out)
+
 # The data engine's three presets (configs/phases/), on tiny random-weight models: SAM 2.1 tiny at IMAGE_SIZE,
 # SAM 1 vit_b at 64 px; the generators' filters opened as in random-demo.yaml (SAM 1's has no mask_threshold).
 PHASE_OVERRIDES = ["prompt.pred_iou_thresh=0.0", "prompt.stability_score_thresh=0.0", "prompt.min_mask_region_area=0",

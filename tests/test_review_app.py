@@ -101,27 +101,19 @@ def test_two_reviewers_at_once_lose_nothing(monkeypatch, review_run):
     assert len({r["session_id"] for r in after[before:]}) == 2
 
 
-@pytest.fixture
-def fresh_run(small_run, tmp_path) -> str:
-    """A copy of the small run no other test has reviewed (queue order without any decision)."""
-    out = tmp_path / "run"
-    shutil.copytree(small_run, out)
-    return str(out)
-
-
-def test_decision_and_next_buttons_carry_keyboard_shortcuts(monkeypatch, fresh_run):
+def test_decision_and_next_buttons_carry_keyboard_shortcuts(monkeypatch, small_run_copy):
     from streamlit.elements.lib.shortcut_utils import normalize_shortcut
 
     from pipeline.review.view import KEYS
 
-    at = app(monkeypatch, fresh_run, "ann")
+    at = app(monkeypatch, small_run_copy, "ann")
     for key, shortcut in KEYS.items():
         assert button(at, key).proto.shortcut == normalize_shortcut(shortcut), key
     assert {KEYS["accept"], KEYS["reject"]}.isdisjoint({"C", "R"})  # Streamlit's own keys
 
 
-def test_next_masklet_and_next_item_follow_the_queue_past_decided_masklets(monkeypatch, fresh_run):
-    at = app(monkeypatch, fresh_run, "ann")
+def test_next_masklet_and_next_item_follow_the_queue_past_decided_masklets(monkeypatch, small_run_copy):
+    at = app(monkeypatch, small_run_copy, "ann")
     ids = list(at.dataframe[0].value["masklet"])
     assert at.selectbox(key="masklet_pick").value == ids[0]
     button(at, "next_masklet").click().run()
@@ -136,8 +128,8 @@ def test_next_masklet_and_next_item_follow_the_queue_past_decided_masklets(monke
     assert at.selectbox(key="masklet_pick").value == want
 
 
-def test_rejected_masklets_can_be_filtered_out(monkeypatch, fresh_run):
-    at = app(monkeypatch, fresh_run, "ann")
+def test_rejected_masklets_can_be_filtered_out(monkeypatch, small_run_copy):
+    at = app(monkeypatch, small_run_copy, "ann")
     first = at.selectbox(key="masklet_pick").value
     button(at, "reject").click().run()
     assert first in list(at.dataframe[0].value["masklet"])  # still listed by default, after the to-do ones
@@ -147,24 +139,24 @@ def test_rejected_masklets_can_be_filtered_out(monkeypatch, fresh_run):
     assert list(at.dataframe[0].value["masklet"]) == [first]
 
 
-def test_queue_ranks_a_refined_masklet_by_its_newest_version(monkeypatch, fresh_run):
+def test_queue_ranks_a_refined_masklet_by_its_newest_version(monkeypatch, small_run_copy):
     """A version whose masks differ (here: emptied, written without the model) has other signals and so
     another review priority; the queue must rank it by that one, not by the run's row."""
     import numpy as np
 
     from pipeline.review import versions
 
-    run = open_run(fresh_run, versions="original")
+    run = open_run(small_run_copy, versions="original")
     masklets = run.scan("masklets", columns=["masklet_id", "item_id", "object_id", "review_priority"])
     top = masklets.take(pc.sort_indices(masklets, [("review_priority", "descending"),
                                                    ("masklet_id", "ascending")])).to_pylist()[0]
     item, obj = top["item_id"], top["object_id"]
     _, frames, h, w = run.masks(item).shape
-    assert versions.write_version(fresh_run, item, obj, np.zeros((frames, h, w), bool),
+    assert versions.write_version(small_run_copy, item, obj, np.zeros((frames, h, w), bool),
                                   np.full(frames, np.nan, np.float32), [], []) == 1
-    new_priority = versions.latest_versions(fresh_run).to_pylist()[0]["review_priority"]
+    new_priority = versions.latest_versions(small_run_copy).to_pylist()[0]["review_priority"]
     assert new_priority != top["review_priority"], "the test needs a version that ranks differently"
-    at = app(monkeypatch, fresh_run, "ann")
+    at = app(monkeypatch, small_run_copy, "ann")
     shown = at.dataframe[0].value
     priority = {r["masklet_id"]: r["review_priority"] for r in masklets.to_pylist()}
     priority[top["masklet_id"]] = new_priority
@@ -174,22 +166,22 @@ def test_queue_ranks_a_refined_masklet_by_its_newest_version(monkeypatch, fresh_
     assert row["version"] == 1 and row["priority"] == pytest.approx(new_priority)
 
 
-def test_a_new_masklet_propagated_in_the_app_joins_the_queue(monkeypatch, fresh_run):
+def test_a_new_masklet_propagated_in_the_app_joins_the_queue(monkeypatch, small_run_copy):
     """'correct masklet: new masklet', a click, the candidate, 'propagate now': refine creates the item's next
     object id as version 1 and the queue lists it."""
     from pipeline.review import versions
 
-    at = app(monkeypatch, fresh_run, "ann")
+    at = app(monkeypatch, small_run_copy, "ann")
     item_id = at.selectbox(key="masklet_pick").value.rsplit("/", 1)[0]
-    top = max(open_run(fresh_run).masklets_for(item_id)["object_id"].to_pylist())
+    top = max(open_run(small_run_copy).masklets_for(item_id)["object_id"].to_pylist())
     at.selectbox(key="target").set_value(-1).run()
     at.session_state["click"] = {"x": 320, "y": 200, "width": 640, "height": 480, "unix_time": 7}
     at.run()
     button(at, "use_candidate").click().run()
-    assert store.corrections(fresh_run).to_pylist()[-1]["object_id"] == -1
+    assert store.corrections(small_run_copy).to_pylist()[-1]["object_id"] == -1
     button(at, "propagate").click().run()
     assert not at.exception, [e.message for e in at.exception]
-    assert versions.versioned_objects(fresh_run, item_id) == [top + 1]
+    assert versions.versioned_objects(small_run_copy, item_id) == [top + 1]
     at.run()
     shown = at.dataframe[0].value
     assert list(shown[shown["masklet"] == f"{item_id}/{top + 1}"]["version"]) == [1]

@@ -10,7 +10,6 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
 
 from tests.browser import artifact_path, open_page, press, require_chromium, review_app, settle
 
@@ -18,20 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT_LIMIT = 400_000  # bytes: docs/review-screenshot.png is committed
 
 
-@pytest.fixture
-def review_run(small_run, tmp_path) -> str:
-    out = tmp_path / "run"
-    shutil.copytree(small_run, out)
-    return str(out)
-
-
-def test_review_in_chromium(review_run, tmp_path):
+def test_review_in_chromium(small_run_copy, tmp_path):
     require_chromium()
     from pipeline import open_run
     from pipeline.review import store, view
 
     keys = {k: v.lower() for k, v in view.KEYS.items()}
-    with review_app(review_run, "browser") as url:
+    with review_app(small_run_copy, "browser") as url:
         with open_page(url, width=1400, height=1000, timeout_ms=60_000) as bp:
             page = bp.page
             settle(page)
@@ -54,29 +46,29 @@ def test_review_in_chromium(review_run, tmp_path):
             press(page, keys["next_masklet"])
             press(page, keys["accept"])
             page.wait_for_timeout(500)
-            assert [r["decision"] for r in store.decisions(review_run).to_pylist()] == ["accept"]
+            assert [r["decision"] for r in store.decisions(small_run_copy).to_pylist()] == ["accept"]
             press(page, keys["next_masklet"])
             press(page, keys["reject"])
             bp.screenshot(artifact_path("review-accepted.png", tmp_path), full_page=True)
             assert not bp.page_errors, bp.page_errors
 
-    decisions = store.decisions(review_run).to_pylist()
+    decisions = store.decisions(small_run_copy).to_pylist()
     accepted = [r for r in decisions if r["decision"] == "accept"]
     assert len(accepted) == 1 and accepted[0]["reviewer"] == "browser"
-    corrections = store.corrections(review_run).to_pylist()
+    corrections = store.corrections(small_run_copy).to_pylist()
     assert len(corrections) == 1 and corrections[0]["point_labels"] == [1]
     corrected = corrections[0]
     # "next" after the propagation run: that run ranked the queue before the new version existed.
-    queue = view.queue_table(open_run(review_run, versions="original"))["masklet_id"].to_pylist()
+    queue = view.queue_table(open_run(small_run_copy, versions="original"))["masklet_id"].to_pylist()
     assert (corrected["masklet_id"], accepted[0]["masklet_id"]) == (queue[0], queue[1])
     # then the queue ranks the new version, and "next" skips the decided masklet
-    now = view.queue_table(open_run(review_run))["masklet_id"].to_pylist()
+    now = view.queue_table(open_run(small_run_copy))["masklet_id"].to_pylist()
     rejected = [r["masklet_id"] for r in decisions if r["decision"] == "reject"]
     assert rejected == [view.next_masklet(now, queue[1], {queue[1]})]
-    assert store.corrections(review_run, pending_only=True).num_rows == 0  # replayed into a version
-    versions = list(Path(review_run, "versions", corrected["item_id"], str(corrected["object_id"])).glob("v*"))
+    assert store.corrections(small_run_copy, pending_only=True).num_rows == 0  # replayed into a version
+    versions = list(Path(small_run_copy, "versions", corrected["item_id"], str(corrected["object_id"])).glob("v*"))
     assert [v.name for v in versions] == ["v001"], versions
-    kinds = set(store.events(review_run)["kind"].to_pylist())
+    kinds = set(store.events(small_run_copy)["kind"].to_pylist())
     assert {"open_item", "frame_prediction", "correction", "propagation", "decision"} <= kinds
     assert shot.stat().st_size < SCREENSHOT_LIMIT, f"{shot}: {shot.stat().st_size:,} bytes, too big for docs/"
     print(f"\nreview screenshots: {shot.parent}")
